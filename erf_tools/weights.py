@@ -1,0 +1,203 @@
+"""Where a model's weights come from: random init, the all-branches-active probe init, local checkpoints, timm tags.
+
+Random-init ERFs are only informative when every residual branch contributes. Several families silence their
+branches at init (timm ``zero_init_last`` sets the last BN of each block to 0; ConvNeXt-style layer scales are 1e-6;
+UniConvNet's DCN masks are exactly 0), so their random-init ERF is the stem/downsample path alone.
+:func:`find_silenced_branches` detects that, and :func:`activate_branches` is the explicit "architecture probe"
+init that makes every branch live. It is the randomisation used for the conformance fixtures:
+
+* Conv / Linear weights ~ N(0, 1/fan_in) (fan_in = ``weight[0].numel()``), biases ~ N(0, 0.1²);
+* BatchNorm / LayerNorm / GroupNorm weights ~ U(0.5, 1.5), biases ~ N(0, 0.1²);
+  BN running_mean ~ N(0, 0.1²), running_var ~ U(0.5, 1.5);
+* layer-scale vectors (``gamma``, ``gamma1``, ``gamma2``, ``layer_scale``, ``layer_scale_1``, ``layer_scale_2``,
+  timm ``LayerScale.gamma``) ~ U(0.5, 1.5);
+* then every module's own ``active_init_(generator)`` (DCN offset/mask, ParC position embedding), in module order.
+
+All draws come from one ``torch.Generator`` seeded by ``seed``, in ``named_modules()`` order, so the result is
+reproducible. It describes the architecture, not a trained network: label figures made with it as such.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from erf_tools.models.common import unwrap_checkpoint
+
+LAYER_SCALE_NAMES = ("gamma", "gamma1", "gamma2", "layer_scale", "layer_scale_1", "layer_scale_2")
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: A layer scale whose largest entry is below this is treated as silencing its branch.
+SILENT_SCALE = 1e-4
+
+
+class RandomInitWarning(UserWarning):
+    """The model runs with random weights whose residual branches are silenced."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, was refused, or does not match the model."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from; stored in every result."""
+
+    source: str  # "random", "active", "checkpoint", "timm-pretrained"
+    init_mode: str  # "default", "active" or "loaded"
+    path: str | None = None
+    tag: str | None = None
+    seed: int | None = None
+    silenced_branches: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_layer_scale(module_name: str, param_name: str, module: nn.Module) -> bool:
+    if param_name in LAYER_SCALE_NAMES:
+        return True
+    # timm's LayerScale / LayerScale2d modules keep their vector as ``gamma``; covered above. Some keep ``scale``.
+    return type(module).__name__.startswith("LayerScale") and param_name in ("gamma", "scale", "weight")
+
+
+def find_silenced_branches(model: nn.Module) -> list[str]:
+    """Names of parameters that silence a residual branch: tiny layer scales, all-zero norm weights or DCN masks."""
+    silenced = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            data = param.detach()
+            if _is_layer_scale(module_name, param_name, module) and data.abs().max() < SILENT_SCALE:
+                silenced.append(full)
+            elif isinstance(module, _NORM_TYPES) and param_name == "weight" and not data.any():
+                silenced.append(full)
+        if hasattr(module, "silenced_parameters"):
+            silenced.extend(f"{module_name}.{p}" for p in module.silenced_parameters())
+    return silenced
+
+
+def warn_if_silenced(model: nn.Module, model_name: str = "model") -> list[str]:
+    """Warn loudly (once per call) when residual branches are silenced; return their names."""
+    silenced = find_silenced_branches(model)
+    if silenced:
+        shown = ", ".join(silenced[:3]) + (f" and {len(silenced) - 3} more" if len(silenced) > 3 else "")
+        warnings.warn(
+            f"{model_name} runs with random weights and {len(silenced)} silenced residual-branch parameters "
+            f"({shown}): its ERF shows only the stem/downsample path. Load trained weights, or use the "
+            "all-branches-active init (weights='active') for an architecture-only comparison.",
+            RandomInitWarning,
+            stacklevel=2,
+        )
+    return silenced
+
+
+@torch.no_grad()
+def activate_branches(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every parameter so that no residual branch is silenced (see the module docstring). In place."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal_(t: torch.Tensor, std: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=generator) * std)
+
+    def uniform_(t: torch.Tensor, low: float, high: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+
+    for _, module in model.named_modules():
+        is_norm = isinstance(module, _NORM_TYPES) or type(module).__name__.startswith("LayerNorm")
+        for name, param in module.named_parameters(recurse=False):
+            if _is_layer_scale("", name, module):
+                uniform_(param, 0.5, 1.5)
+            elif is_norm and name == "weight":
+                uniform_(param, 0.5, 1.5)
+            elif name == "bias":
+                normal_(param, 0.1)
+            elif name == "weight" and param.dim() >= 2:
+                normal_(param, 1.0 / math.sqrt(param[0].numel()))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            normal_(module.running_mean, 0.1)
+            uniform_(module.running_var, 0.5, 1.5)
+        if hasattr(module, "active_init_"):
+            module.active_init_(generator)
+    return model
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier", "head")
+    return [names] if isinstance(names, str) else list(names)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> WeightsInfo:
+    """Load a local checkpoint into ``model`` (safely, ``weights_only=True``); return where the weights came from.
+
+    Unwraps official wrappers (``{'model': ...}``, ``{'state_dict': ...}``, EMA files, ``module.`` prefixes), applies
+    the family's ``checkpoint_filter_fn`` when the model's module defines one, and resizes the classifier when the
+    checkpoint has a different number of classes (ImageNet-22k heads): the ERF does not depend on the head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                f"refused to load {str(path)!r}: it is a pickle that carries code or objects other than tensors, "
+                "and erf-tools only loads checkpoints with torch.load(weights_only=True)"
+            ) from exc
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({message})") from exc
+    try:
+        state = unwrap_checkpoint(checkpoint)
+    except TypeError as exc:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint: {exc}") from exc
+    if not state:
+        raise CheckpointError(f"{str(path)!r} holds no tensors")
+
+    module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+
+    own = model.state_dict()
+    for head in _classifier_names(model):
+        weight = state.get(f"{head}.weight")
+        if (
+            weight is not None
+            and f"{head}.weight" in own
+            and weight.shape != own[f"{head}.weight"].shape
+            and hasattr(model, "reset_classifier")
+        ):
+            model.reset_classifier(weight.shape[0])
+            own = model.state_dict()
+
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(path, type(model).__name__, missing, unexpected, mismatched))
+    model.load_state_dict(state, strict=strict)
+    return WeightsInfo(source="checkpoint", init_mode="loaded", path=str(path))
+
+
+def _mismatch_message(path: Path, arch: str, missing: list, unexpected: list, mismatched: list) -> str:
+    def listing(title: str, items: list) -> str:
+        if not items:
+            return ""
+        shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+        return f"\n  {title}: {shown}"
+
+    return (
+        f"checkpoint {str(path)!r} does not match the {arch} architecture"
+        + listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
+        + listing("shape mismatches", mismatched)
+    )
