@@ -201,3 +201,63 @@ def _mismatch_message(path: Path, arch: str, missing: list, unexpected: list, mi
         + listing("unexpected keys", unexpected)
         + listing("shape mismatches", mismatched)
     )
+
+
+class UnknownModelError(ValueError):
+    """No registered model has that name."""
+
+
+def model_names() -> list[str]:
+    """Every model name ``load_model`` accepts (timm's registry, including erf-tools' families)."""
+    import timm
+
+    import erf_tools.models  # noqa: F401  (registers the project's families)
+
+    return timm.list_models()
+
+
+def load_model(
+    name: str, weights: str = "random", *, seed: int = 0, num_classes: int | None = None
+) -> tuple[nn.Module, WeightsInfo]:
+    """Build a registered model and its weights.
+
+    weights: ``"random"`` (the family's default init; warned about when branches are silenced), ``"active"``
+    (:func:`activate_branches` with ``seed``), a local checkpoint path, or ``"timm"`` / ``"timm:<tag>"`` (timm's
+    pretrained weights; needs network access or a filled cache).
+    """
+    import difflib
+
+    import timm
+
+    architecture = name.split(".", 1)[0]
+    names = model_names()
+    if architecture not in names:
+        close = difflib.get_close_matches(architecture, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `erf models` lists the registered models"
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights in ("random", "active"):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if weights == "active":
+            activate_branches(model, seed=seed)
+            return model.eval(), WeightsInfo(source="active", init_mode="active", seed=seed)
+        return model.eval(), WeightsInfo(
+            source="random", init_mode="default", seed=seed, silenced_branches=find_silenced_branches(model)
+        )
+    if weights == "timm" or weights.startswith("timm:"):
+        tag = weights.partition(":")[2] or None
+        full = f"{architecture}.{tag}" if tag else name
+        try:
+            model = timm.create_model(full, pretrained=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub, network and cache errors vary
+            raise CheckpointError(
+                f"could not get timm pretrained weights for {full!r} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); without internet, download the checkpoint "
+                "elsewhere and pass its path"
+            ) from exc
+        return model.eval(), WeightsInfo(source="timm-pretrained", init_mode="loaded", tag=full)
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    info = load_checkpoint(model, weights)
+    return model.eval(), info

@@ -1,0 +1,209 @@
+"""Image sources and per-protocol preprocessing: the first step of the data flow (images -> model -> ERF maps).
+
+Sources:
+
+* a folder: every image file below it (recursive, common formats), in sorted path order; files that cannot be
+  decoded are skipped and counted, never silently;
+* ``"sample"``: natural photographs shipped inside scikit-image (works offline); beyond the bundled photographs,
+  deterministic crops and flips of them (seeded by the image index) supply as many images as asked for;
+* ``"noise"``: standard-normal tensors in the normalised input space (the convention of the conformance fixtures and
+  of Luo et al.'s random-input experiments);
+* a tensor N×3×H×W of already preprocessed inputs.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Photographs bundled with scikit-image (RGB first, then greyscale ones converted to RGB).
+SAMPLE_FILES = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+    "camera.png", "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png",
+)
+
+
+class ImageSourceError(ValueError):
+    """An image source is missing, empty, or yields no usable image."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes a network input; recorded in every result.
+
+    resize: ``warp`` (resize to exactly size×size, aspect ratio not kept; RepLKNet) or ``resize_crop`` (resize the
+    shorter side to size/crop_pct, then centre-crop size×size; timm eval transform).
+    """
+
+    size: tuple[int, int]
+    resize: str = "warp"
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        mode = InterpolationMode(self.interpolation)
+        image = to_rgb(image)
+        if self.resize == "warp":
+            image = TF.resize(image, list(self.size), interpolation=mode)
+        else:
+            scaled = [int(s / self.crop_pct) for s in self.size]
+            image = TF.resize(image, min(scaled) if self.size[0] == self.size[1] else scaled, interpolation=mode)
+            image = TF.center_crop(image, list(self.size))
+        tensor = TF.to_tensor(image)
+        return TF.normalize(tensor, list(self.mean), list(self.std))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale, palette, RGBA (composited on black) and 16-bit images as 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = array.max() if array.size else 0.0
+        scale = 255.0 / (65535.0 if high > 255 else max(high, 1.0) if image.mode == "F" else 255.0)
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode == "RGBA" or image.mode == "LA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def preprocessing_for(rule: str, model: torch.nn.Module | None, input_size: int | None) -> Preprocessing | None:
+    """The preprocessing of a protocol: ``replknet`` warp, ``timm`` data config of ``model``, or ``none``."""
+    if rule == "none":
+        return None
+    if rule == "replknet":
+        size = input_size or 1024
+        return Preprocessing(size=(size, size), resize="warp", interpolation="bicubic")
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model) if model is not None else {}
+    native = tuple(config.get("input_size", (3, 224, 224))[1:])
+    size = (input_size, input_size) if input_size else native
+    return Preprocessing(
+        size=size,
+        resize="resize_crop",
+        crop_pct=float(config.get("crop_pct", 0.875)) if size == native else 1.0,
+        interpolation=str(config.get("interpolation", "bicubic")),
+        mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        std=tuple(config.get("std", IMAGENET_STD)),
+    )
+
+
+@dataclass
+class ImageSource:
+    """A named, ordered set of images. ``skipped`` collects (id, reason) of files that could not be decoded."""
+
+    kind: str
+    ids: list[str]
+    root: str | None = None
+    seed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "root": self.root, "seed": self.seed, "candidates": len(self.ids),
+                "skipped": [list(s) for s in self.skipped]}
+
+    def load(self, index: int) -> Image.Image:
+        if self.kind == "folder":
+            with Image.open(Path(self.root) / self.ids[index]) as image:
+                image.load()
+                return image.copy()
+        if self.kind == "sample":
+            return _sample_image(index, self.seed)
+        raise TypeError(f"{self.kind} sources yield tensors, not images")
+
+
+def open_image_source(spec: str | Path, *, num_images: int | None = None, seed: int = 0) -> ImageSource:
+    """``"sample"``, ``"noise"`` or a folder path as an :class:`ImageSource`."""
+    if str(spec) == "sample":
+        count = num_images if num_images is not None else len(SAMPLE_FILES)
+        return ImageSource("sample", [_sample_id(i) for i in range(count)], seed=seed)
+    if str(spec) == "noise":
+        count = num_images if num_images is not None else 16
+        return ImageSource("noise", [f"noise[{seed}:{i}]" for i in range(count)], seed=seed)
+    root = Path(spec)
+    if not root.exists():
+        raise ImageSourceError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ImageSourceError(f"{str(root)!r} is not a folder (give a folder of images, 'sample' or 'noise')")
+    files = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise ImageSourceError(
+            f"image folder {str(root)!r} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return ImageSource("folder", files, root=str(root), seed=seed)
+
+
+def iter_inputs(
+    source: ImageSource, preprocess: Preprocessing | None, *, num_images: int | None = None, start: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (id, 3×H×W tensor) for up to ``num_images`` decodable images, skipping the first ``start`` valid ones."""
+    wanted = num_images if num_images is not None else len(source.ids)
+    produced = 0
+    if source.kind == "noise":
+        if preprocess is None:
+            raise ImageSourceError("noise images need an input size: give input_size or a preprocessing rule")
+        for index in range(start, wanted):
+            generator = torch.Generator().manual_seed(source.seed * 1_000_003 + index)
+            yield source.ids[index], torch.randn((3, *preprocess.size), generator=generator)
+        return
+    for index, image_id in enumerate(source.ids):
+        if produced >= wanted:
+            break
+        try:
+            image = source.load(index)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            source.skipped.append((image_id, reason))
+            warnings.warn(f"skipped {image_id!r}: not a readable image ({reason})", stacklevel=2)
+            continue
+        produced += 1
+        if produced <= start:
+            continue
+        yield image_id, preprocess(image) if preprocess is not None else torch.from_numpy(np.asarray(image))
+    if produced == 0:
+        raise ImageSourceError(
+            f"no readable image in {source.root or source.kind!r}: all {len(source.skipped)} files were skipped"
+        )
+
+
+def _sample_id(index: int) -> str:
+    base = SAMPLE_FILES[index % len(SAMPLE_FILES)]
+    return f"skimage:{base}" if index < len(SAMPLE_FILES) else f"skimage:{base}#crop{index}"
+
+
+def _sample_image(index: int, seed: int) -> Image.Image:
+    name = SAMPLE_FILES[index % len(SAMPLE_FILES)]
+    with resources.as_file(resources.files("skimage.data") / name) as path, Image.open(path) as image:
+        image = to_rgb(image)
+    if index < len(SAMPLE_FILES):
+        return image
+    # Deterministic augmentation: a crop of 50-100 % of each side at a seeded position, flipped half the time.
+    rng = np.random.default_rng([seed, index])
+    width, height = image.size
+    side = rng.uniform(0.5, 1.0)
+    crop_w, crop_h = max(16, int(width * side)), max(16, int(height * side))
+    left = int(rng.integers(0, width - crop_w + 1))
+    top = int(rng.integers(0, height - crop_h + 1))
+    image = image.crop((left, top, left + crop_w, top + crop_h))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
