@@ -263,3 +263,22 @@ def test_random_init_has_no_silenced_branch(ref):
     before = model.stem[0].conv.weight.clone()
     model.init_weights()
     assert not torch.equal(before, model.stem[0].conv.weight)
+
+
+@pytest.mark.parametrize("variant", ["unmerged", "merged", "fft"])
+def test_input_gradient_maps_match_official_erf_protocol(small, variant):
+    """The model side of the RepLKNet ERF protocol (conformance 3a): the per-image maps ΣRGB ReLU(∂S/∂x), with
+    S = Σ_c ReLU(F[0, c, h//2, w//2]) on ``forward_features``, in all three computation paths."""
+    meta, tensors = load_meta("erf/replknet_protocol"), load_tensors("erf/replknet_protocol")
+    if variant != "unmerged":
+        small.structural_reparam()
+    small.set_fft_large_kernel(variant == "fft")
+    maps = []
+    for i in range(tensors["inputs"].shape[0]):
+        x = tensors["inputs"][i:i + 1].clone().requires_grad_(True)
+        features = small.forward_features(x)
+        h, w = features.shape[-2:]
+        features[0, :, h // 2, w // 2].relu().sum().backward()
+        maps.append(x.grad[0].relu().sum(0))
+    assert_close_to_ref(torch.stack(maps), tensors["per_image_maps"],
+                        meta["suggested_tolerance"]["per_image_maps_and_mean_map"])
