@@ -118,8 +118,9 @@ class ImageSource:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
+        # ``skipped`` is the live list, so a description taken before reading still reports every skipped file.
         return {"kind": self.kind, "root": self.root, "seed": self.seed, "candidates": len(self.ids),
-                "skipped": [list(s) for s in self.skipped]}
+                "skipped": self.skipped}
 
     def load(self, index: int) -> Image.Image:
         if self.kind == "folder":

@@ -34,6 +34,7 @@ class Target:
     name: str
     module_name: str
     layout: str = "auto"  # "auto", "NCHW", "NHWC" or "NLC"
+    reduction: int | None = None  # total stride from timm feature_info, when the model declares it
 
 
 def default_target(model: nn.Module) -> str:
@@ -90,10 +91,20 @@ def resolve_targets(
             resolved.append(Target(name=by_identity[id(item)], module_name=by_identity[id(item)]))
         else:
             resolved.append(Target(name=item, module_name=_module_name(model, item, modules)))
+    reductions = _feature_reductions(model)
+    resolved = [Target(t.name, t.module_name, t.layout, reductions.get(t.module_name)) for t in resolved]
     names = [t.module_name for t in resolved]
     if len(set(names)) != len(names):
         raise TargetError(f"the same target appears twice in {names}")
     return resolved
+
+
+def _feature_reductions(model: nn.Module) -> dict[str, int]:
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return {}
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    return {e["module"]: int(e["reduction"]) for e in entries if isinstance(e, dict) and "reduction" in e}
 
 
 def _module_name(model: nn.Module, spec: str, modules: dict[str, nn.Module]) -> str:
@@ -151,11 +162,26 @@ class FeatureCapture:
         return hook
 
     def run(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        height, width = inputs.shape[-2:]
+        for target in self.targets:
+            if target.reduction is not None and min(height, width) < target.reduction:
+                raise TargetError(
+                    f"the {height}×{width} input is smaller than the total stride {target.reduction} of target "
+                    f"{target.name!r}: use an input of at least {target.reduction} px (ideally several times more)"
+                )
         self.outputs = {}
         try:
             self.model(inputs)
         except _StopForward:
             pass
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+                raise  # the engine retries smaller batches
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TargetError(
+                f"{type(self.model).__name__} failed on a {height}×{width} input before reaching the target(s) "
+                f"({type(exc).__name__}: {first_line}); check the input size the model accepts"
+            ) from exc
         missing = [t.module_name for t in self.targets if t.module_name not in self.outputs]
         if missing:
             raise TargetError(f"the forward pass never ran the target module(s) {missing}")
