@@ -399,71 +399,79 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _variant(name: str, pretrained: bool, depths: tuple, dims: tuple, group_channels: int, **kwargs: Any) -> UniConvNet:
-    args = dict(depths=depths, dims=dims, dcn_group_channels=group_channels)
-    return _create_uniconvnet(name, pretrained=pretrained, **dict(args, **kwargs))
-
-
 @register_model
 def uniconvnet_a(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_a", pretrained, (2, 3, 9, 2), (24, 48, 96, 192), 8, **kwargs)
+    model_args = dict(depths=(2, 3, 9, 2), dims=(24, 48, 96, 192), dcn_group_channels=8)
+    return _create_uniconvnet("uniconvnet_a", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_p0(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_p0", pretrained, (2, 2, 7, 2), (32, 64, 128, 256), 8, **kwargs)
+    model_args = dict(depths=(2, 2, 7, 2), dims=(32, 64, 128, 256), dcn_group_channels=8)
+    return _create_uniconvnet("uniconvnet_p0", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_p1(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_p1", pretrained, (2, 3, 6, 3), (32, 64, 128, 256), 8, **kwargs)
+    model_args = dict(depths=(2, 3, 6, 3), dims=(32, 64, 128, 256), dcn_group_channels=8)
+    return _create_uniconvnet("uniconvnet_p1", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_p2(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_p2", pretrained, (3, 3, 11, 3), (32, 64, 128, 256), 8, **kwargs)
+    model_args = dict(depths=(3, 3, 11, 3), dims=(32, 64, 128, 256), dcn_group_channels=8)
+    return _create_uniconvnet("uniconvnet_p2", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_n0(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_n0", pretrained, (2, 2, 7, 2), (48, 96, 192, 384), 16, **kwargs)
+    model_args = dict(depths=(2, 2, 7, 2), dims=(48, 96, 192, 384), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_n0", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_n1(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_n1", pretrained, (2, 2, 8, 3), (48, 96, 192, 384), 16, **kwargs)
+    model_args = dict(depths=(2, 2, 8, 3), dims=(48, 96, 192, 384), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_n1", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_n2(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_n2", pretrained, (3, 3, 11, 3), (48, 96, 192, 384), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 11, 3), dims=(48, 96, 192, 384), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_n2", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_n3(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_n3", pretrained, (3, 3, 19, 3), (48, 96, 192, 384), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 19, 3), dims=(48, 96, 192, 384), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_n3", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_t(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_t", pretrained, (3, 3, 15, 3), (64, 128, 256, 512), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 15, 3), dims=(64, 128, 256, 512), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_t", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_s(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_s", pretrained, (3, 3, 17, 3), (80, 160, 320, 640), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 17, 3), dims=(80, 160, 320, 640), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_s", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_b(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_b", pretrained, (4, 4, 13, 4), (112, 224, 448, 896), 16, **kwargs)
+    model_args = dict(depths=(4, 4, 13, 4), dims=(112, 224, 448, 896), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_b", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_l(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_l", pretrained, (3, 3, 18, 3), (160, 320, 640, 1280), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 18, 3), dims=(160, 320, 640, 1280), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_l", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def uniconvnet_xl(pretrained: bool = False, **kwargs: Any) -> UniConvNet:
-    return _variant("uniconvnet_xl", pretrained, (3, 3, 22, 3), (160, 320, 640, 1280), 16, **kwargs)
+    model_args = dict(depths=(3, 3, 22, 3), dims=(160, 320, 640, 1280), dcn_group_channels=16)
+    return _create_uniconvnet("uniconvnet_xl", pretrained=pretrained, **dict(model_args, **kwargs))
