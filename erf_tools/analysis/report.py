@@ -1,0 +1,447 @@
+"""The AGD report: every analysis of one ERF map, built from the pure functions of :mod:`erf_tools.analysis`.
+
+:func:`analyze` takes an :class:`~erf_tools.results.ERFResult` (its per-image maps give bootstrap confidence
+intervals and the convergence curve) or a bare 2-D array, and returns an :class:`AGDReport`. Measures are computed on
+the raw map (``raw``: the map as given, normalised to sum 1 where a distribution is needed) and on the floor-removed
+map (``floor_removed``: max(M − floor, 0), floor estimated by :func:`~erf_tools.analysis.maps.estimate_floor`); each
+field says which. The AGD score removes the fitted offset instead (:mod:`erf_tools.analysis.shape`).
+
+Failure policy: a map with NaN or Inf raises :class:`ValueError` (naming how many and where); an all-zero map gives a
+report flagged ``empty_map`` with NaN measures; negative values are clipped at 0 and flagged
+``negative_values_clipped``. Fits that fail are flagged, and their σ is not reported as the ERF size (NaN in
+``spread``; the raw fitted values stay in ``fit``/``kim_fit`` with their flags).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effective_area, mass_radius,
+                   radial_cumulative_mass, rank_area)
+from .checkerboard import checkerboard_indices
+from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim
+from .maps import block_reduce, check_map, estimate_floor, remove_floor
+from .moments import Moments, argmax_position, ellipse_from_covariance, image_moments
+from .shape import (GAUSSIAN_MARDIA_KURTOSIS, ShapeExponentFit, agd_score, beta_from_kurtosis, fit_shape_exponent,
+                    hellinger_to_moment_gaussian, mardia_kurtosis, radial_monotonicity, radial_profile)
+from .uncertainty import BootstrapResult, ConvergenceCurve, bootstrap_maps, check_stack, convergence_curve
+
+__all__ = ["AGDReport", "analyze", "DEFAULT_RESAMPLES"]
+
+DEFAULT_RESAMPLES = 200
+"""Default number of bootstrap resamples."""
+
+HEADLINE = ("agd_score", "sigma_major", "sigma_minor", "r_squared", "beta2")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars/arrays to Python, non-finite floats to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "to_dict"):
+        return _clean(value.to_dict())
+    return value
+
+
+def _moments_dict(mom: Moments | None, scale: float, input_side: float) -> dict:
+    if mom is None:
+        return {"centre_yx": None, "sigma_major": None, "sigma_minor": None, "theta_deg": None}
+    return {"centre_yx": list(mom.centre), "sigma_major": mom.sigma_major * scale,
+            "sigma_minor": mom.sigma_minor * scale, "sigma": mom.sigma * scale,
+            "sigma_fraction": mom.sigma * scale / input_side, "theta_deg": float(np.degrees(mom.theta)),
+            "anisotropy": mom.anisotropy}
+
+
+@dataclass
+class AGDReport:
+    """How Gaussian an ERF is and how far it spreads; built by :func:`analyze`. ``to_dict()`` gives JSON-ready data.
+
+    Headline: ``agd_score`` (1 − Hellinger distance to the fitted Gaussian, in [0, 1]) and the fitted σ in
+    ``spread["sigma_major"]``/``["sigma_minor"]`` (input pixels; NaN when the fit is flagged). ``flags`` lists
+    everything that went wrong or needs care; ``not_gaussian`` is set when the fit failed or the AGD score is below
+    the threshold given to :func:`analyze`.
+    """
+
+    agd_score: float
+    flags: tuple[str, ...]
+    map_shape: tuple[int, int]
+    input_size: tuple[int, int]
+    pixel_scale: float
+    num_images: int | None
+    protocol: str | None
+    receptive_field_centre: tuple[float, float] | None
+    floor: dict[str, Any]
+    fit: GaussianFit
+    kim_fit: KimFit
+    shape: dict[str, Any]
+    spread: dict[str, Any]
+    area_ratios: tuple[AreaRatio, ...]
+    checkerboard: dict[str, float]
+    openerf_metrics: dict[str, Any]
+    bootstrap: BootstrapResult | None = None
+    confidence_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    convergence: ConvergenceCurve | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the map is non-empty and the full-covariance fit is not flagged."""
+        return "empty_map" not in self.flags and self.fit.ok
+
+    def interval(self, name: str) -> tuple[float, float]:
+        """Bootstrap confidence interval of a headline number (NaN, NaN when there was no bootstrap)."""
+        return self.confidence_intervals.get(name, (float("nan"), float("nan")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready Python data (non-finite numbers become None)."""
+        return _clean({
+            "agd_score": self.agd_score, "flags": list(self.flags), "map_shape": self.map_shape,
+            "input_size": self.input_size, "pixel_scale": self.pixel_scale, "num_images": self.num_images,
+            "protocol": self.protocol, "receptive_field_centre_yx": self.receptive_field_centre,
+            "floor": self.floor, "fit": self.fit.to_dict(), "kim_fit": self.kim_fit.to_dict(), "shape": self.shape,
+            "spread": self.spread, "area_ratios": [a.to_dict() for a in self.area_ratios],
+            "checkerboard": self.checkerboard, "openerf_metrics": self.openerf_metrics,
+            "bootstrap": None if self.bootstrap is None else self.bootstrap.to_dict(),
+            "confidence_intervals": {k: list(v) for k, v in self.confidence_intervals.items()},
+            "convergence": None if self.convergence is None else self.convergence.to_dict(),
+            "options": self.options,
+        })
+
+    def summary(self) -> str:
+        """A few lines for a terminal: the headline numbers with their intervals, and the flags."""
+
+        def fmt(name, value, digits=3):
+            low, high = self.interval(name)
+            text = "nan" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+            if np.isfinite(low) and np.isfinite(high):
+                text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+            return text
+
+        lines = [
+            f"AGD score      {fmt('agd_score', self.agd_score)}",
+            f"sigma (px)     {fmt('sigma_major', self.spread['sigma_major'], 2)} / "
+            f"{fmt('sigma_minor', self.spread['sigma_minor'], 2)}  (fit, major / minor)",
+            f"R^2            {fmt('r_squared', self.fit.r_squared)}  (Kim-compatible {self.kim_fit.r_squared:.3f})",
+            f"beta2 (Mardia) {fmt('beta2', self.shape['mardia_kurtosis'], 2)}  (Gaussian 8; floor removed)",
+            f"beta (shape)   {self.shape['beta']:.2f}  (Gaussian 2)",
+        ]
+        for a in self.area_ratios:
+            name = f"r({a.threshold:g})"
+            lines.append(f"{name:<15}{'unreachable' if a.ratio is None else fmt(name, a.ratio, 4)}")
+        lines.append(f"flags          {', '.join(self.flags) or '-'}")
+        return "\n".join(lines)
+
+
+def _unpack(result_or_map, per_image_maps, per_image_downsample):
+    """(map, per-image stack, downsample, num_images, protocol, rf centre in input px, input size, options)."""
+    if hasattr(result_or_map, "map") and hasattr(result_or_map, "per_image_maps"):
+        r = result_or_map
+        stack = r.per_image_maps if per_image_maps is None else per_image_maps
+        down = int(getattr(r, "per_image_downsample", 1) or 1) if per_image_maps is None else per_image_downsample
+        return (r.map, stack, down, getattr(r, "num_images", None), getattr(r, "protocol", None),
+                getattr(r, "receptive_field_centre", None), getattr(r, "input_size", None),
+                dict(getattr(r, "options", {}) or {}))
+    array = np.asarray(result_or_map)
+    if array.ndim == 3:  # a stack of per-image maps: analyse their mean
+        stack = check_stack(array)
+        return stack.mean(axis=0), stack, 1, stack.shape[0], None, None, None, {}
+    n = None if per_image_maps is None else np.asarray(per_image_maps).shape[0]
+    return array, per_image_maps, per_image_downsample, n, None, None, None, {}
+
+
+def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstrap: int | None = DEFAULT_RESAMPLES,
+            seed: int | None = 0, confidence: float = 0.95, receptive_field_centre: tuple[float, float] | None = None,
+            per_image_maps=None, per_image_downsample: int = 1, floor: str | float = "border",
+            thresholds=AREA_THRESHOLDS, r_squared_threshold: float = 0.5, agd_threshold: float = 0.85,
+            bootstrap_side: int = 64, bootstrap_interval: str = "percentile",
+            convergence_tolerance: float = 0.05) -> AGDReport:
+    """Analyse an ERF: Gaussian fits, AGD score and its components, spread, areas, checkerboard, uncertainty.
+
+    Parameters
+    ----------
+    result_or_map : ERFResult or array_like
+        An :class:`~erf_tools.results.ERFResult`, a 2-D map (H, W), or a stack (N, H, W) of per-image maps (their
+        mean is analysed and the stack used for the bootstrap).
+    input_size : (H, W), optional
+        Size of the network input the map covers (default: the result's ``input_size`` or the map's shape). σ and
+        radii are reported in input pixels (map pixels × ``pixel_scale``) and σ also as a fraction of √(H·W).
+    bootstrap : int or None
+        Number of bootstrap resamples over images (0 or None: no bootstrap). Needs per-image maps.
+    seed : int or None
+        Seed for the bootstrap and the convergence curve.
+    confidence : float
+        Coverage of the bootstrap intervals.
+    receptive_field_centre : (y, x), optional
+        Analytic centre of the target unit's receptive field in input pixels (default: the result's). Used as an extra
+        start of the fit and as the centre of radial masses and area ratios.
+    per_image_maps, per_image_downsample : optional
+        Per-image maps for a bare 2-D map (block-summed by ``per_image_downsample``).
+    floor : "border", "percentile" or float
+        How the floor is estimated (:func:`~erf_tools.analysis.maps.estimate_floor`), or its value.
+    thresholds : sequence of float
+        t for r(t), rank areas and mass radii.
+    r_squared_threshold : float
+        Fits with a lower R² are flagged ``low_r_squared``.
+    agd_threshold : float
+        Maps with a lower AGD score (or a failed fit) are flagged ``not_gaussian``.
+    bootstrap_side : int
+        Resamples are fitted on block means no larger than this per side (starting from the point estimate) and r(t)
+        is evaluated on block sums no larger than 4× this; the intervals are translated by the difference between the
+        full-resolution estimate and the reduced-resolution estimate from all images.
+    bootstrap_interval : {"percentile", "basic"}
+        Interval type (:func:`~erf_tools.analysis.uncertainty.bootstrap_maps`).
+    convergence_tolerance : float
+        Hellinger distance below which the mean map is regarded as no longer changing.
+
+    Returns
+    -------
+    AGDReport
+
+    Raises
+    ------
+    ValueError
+        If the map is not 2-D, smaller than 3×3, or has NaN/Inf values; or the per-image maps are malformed.
+    """
+    raw, stack, down, num_images, protocol, rf_input, result_input, result_options = _unpack(
+        result_or_map, per_image_maps, per_image_downsample)
+    expects_stack = hasattr(result_or_map, "per_image_maps") or per_image_maps is not None
+    data = check_map(raw)
+    height, width = data.shape
+    flags: list[str] = []
+    if data.min() < 0:
+        flags.append("negative_values_clipped")
+        data = np.maximum(data, 0.0)
+    in_size = tuple(int(v) for v in (input_size or result_input or data.shape))
+    if len(in_size) != 2 or min(in_size) < 1:
+        raise ValueError(f"input_size must be (H, W) with positive entries, got {input_size}")
+    scale = float(np.sqrt(in_size[0] / height * in_size[1] / width))
+    input_side = float(np.sqrt(in_size[0] * in_size[1]))
+    rf_in = receptive_field_centre if receptive_field_centre is not None else rf_input
+    rf_map = None
+    if rf_in is not None:
+        if len(rf_in) != 2 or not all(np.isfinite(rf_in)):
+            raise ValueError(f"receptive_field_centre must be a finite (y, x), got {rf_in}")
+        rf_map = tuple((float(c) + 0.5) * (n_map / n_in) - 0.5 for c, n_map, n_in in zip(rf_in, data.shape, in_size))
+    options = {"floor": floor, "thresholds": list(thresholds), "r_squared_threshold": r_squared_threshold,
+               "agd_threshold": agd_threshold, "bootstrap": bootstrap, "seed": seed, "confidence": confidence,
+               "bootstrap_side": bootstrap_side,
+               "bootstrap_interval": bootstrap_interval, "convergence_tolerance": convergence_tolerance,
+               "result_options": result_options}
+
+    peak = float(data.max())
+    if isinstance(floor, str):
+        floor_value = estimate_floor(data, method=floor)
+        floor_method = floor
+    else:
+        floor_value, floor_method = float(floor), "given"
+    floor_info = {"value": floor_value, "method": floor_method,
+                  "fraction_of_peak": floor_value / peak if peak > 0 else float("nan"),
+                  "mass_fraction": float(np.minimum(data, floor_value).sum() / data.sum()) if peak > 0 else float("nan")}
+
+    fit = fit_gaussian(data, floor=floor_value, centres=[rf_map] if rf_map is not None else (),
+                       r_squared_threshold=r_squared_threshold)
+    kim = fit_gaussian_kim(data, r_squared_threshold=r_squared_threshold)
+    if peak <= 0:
+        return _empty_report(flags + ["empty_map"], data.shape, in_size, scale, num_images, protocol, rf_map,
+                             floor_info, fit, kim, thresholds, options)
+
+    positive = remove_floor(data, floor_value)
+    if not positive.sum() > 0:
+        flags.append("nothing_above_floor")
+        positive = data
+    mom_raw = image_moments(data)
+    mom_pos = image_moments(positive)
+    score = agd_score(data, fit)
+
+    # shape
+    if fit.ok:
+        centre, cov = fit.centre, fit.covariance
+    else:
+        centre, cov = mom_pos.centre, mom_pos.covariance
+    shape_fit = (fit_shape_exponent(data, centre, cov) if np.linalg.det(cov) > 0 else
+                 ShapeExponentFit(*(float("nan"),) * 5, ("singular_covariance",)))
+    profile = radial_profile(data, centre, covariance=cov if fit.ok else None)
+    monotonicity, rings = radial_monotonicity(profile.values)
+    beta2 = mardia_kurtosis(positive)
+    shape = {
+        "agd_score": score, "hellinger": 1.0 - score if np.isfinite(score) else float("nan"),
+        "beta": shape_fit.beta, "beta_fit": shape_fit.to_dict(),
+        "mardia_kurtosis": beta2, "mardia_kurtosis_raw": mardia_kurtosis(data),
+        "mardia_kurtosis_gaussian": GAUSSIAN_MARDIA_KURTOSIS, "beta_from_kurtosis": beta_from_kurtosis(beta2),
+        "monotonicity": monotonicity, "rings": rings,
+        "radial_profile": {"radii": profile.radii * scale, "values": profile.values, "centre_yx": profile.centre,
+                           "whitened": profile.whitened},
+        "anisotropy": fit.anisotropy if fit.ok else mom_pos.anisotropy,
+        "anisotropy_source": "fit" if fit.ok else "moments_floor_removed",
+        "hellinger_moment_gaussian_raw": hellinger_to_moment_gaussian(data),
+        "hellinger_moment_gaussian": hellinger_to_moment_gaussian(positive),
+        "measured_on": {"agd_score": "fitted offset removed", "mardia_kurtosis": "floor_removed",
+                        "mardia_kurtosis_raw": "raw", "beta": "raw (fitted offset)", "monotonicity": "raw"},
+    }
+
+    # spread
+    nan = float("nan")
+    sig_major = fit.sigma_major * scale if fit.ok else nan
+    sig_minor = fit.sigma_minor * scale if fit.ok else nan
+    eff_raw, eff_pos = effective_area(data), effective_area(positive)
+    image_centre = (height // 2, width // 2)
+    centres = {"image_centre": image_centre, "centre_of_mass": mom_raw.centre}
+    if rf_map is not None:
+        centres["receptive_field_centre"] = rf_map
+    spread = {
+        "sigma_major": sig_major, "sigma_minor": sig_minor, "sigma": math.sqrt(sig_major * sig_minor),
+        "sigma_major_fraction": sig_major / input_side, "sigma_minor_fraction": sig_minor / input_side,
+        "sigma_fraction": math.sqrt(sig_major * sig_minor) / input_side,
+        "sigma_source": "full-covariance fit" if fit.ok else "fit flagged: not reported",
+        "moments_raw": _moments_dict(mom_raw, scale, input_side),
+        "moments_floor_removed": _moments_dict(mom_pos, scale, input_side),
+        "rank_area_raw": dict(zip(map(float, thresholds), rank_area(data, thresholds))),
+        "rank_area_floor_removed": dict(zip(map(float, thresholds), rank_area(positive, thresholds))),
+        "effective_area_raw": {"area": eff_raw.area * scale**2, "ratio": eff_raw.ratio, "sigma": eff_raw.sigma * scale},
+        "effective_area_floor_removed": {"area": eff_pos.area * scale**2, "ratio": eff_pos.ratio,
+                                         "sigma": eff_pos.sigma * scale},
+        "radial_mass": {name: {"centre_yx": list(c), "radii": list(OPENERF_RADII),
+                               "mass": list(radial_cumulative_mass(data, c, OPENERF_RADII).values())}
+                        for name, c in centres.items()},
+        "mass_radius": {name: dict(zip(map(float, thresholds), (r * scale for r in mass_radius(data, c, thresholds))))
+                        for name, c in centres.items()},
+        "units": "input pixels (map pixels x pixel_scale); fractions of sqrt(H*W) of the input",
+    }
+    ratios = area_ratio(data, thresholds)
+    if rf_map is not None:
+        spread["area_ratio_receptive_field_centre"] = [a.to_dict() for a in area_ratio(data, thresholds,
+                                                                                       centre=rf_map)]
+    unreachable = [a.threshold for a in ratios if not a.reachable]
+    if unreachable:
+        flags.append("area_ratio_unreachable")
+    l1, l2 = checkerboard_indices(data)
+    checker = {"l1": l1, "l2": l2, "normalisation": "max"}
+    argmax = argmax_position(data)
+    openerf = {"shape": list(data.shape), "sum": float(data.sum()), "min": float(data.min()), "max": peak,
+               "argmax_yx": list(argmax), "center_yx": list(image_centre),
+               "center_value": float(data[image_centre]), "com_x": mom_raw.centre[1], "com_y": mom_raw.centre[0],
+               "radial_cumulative_mass": {str(r): v for r, v in
+                                          radial_cumulative_mass(data, image_centre, OPENERF_RADII).items()}}
+
+    flags += [f"fit:{f}" for f in fit.flags] + [f"kim_fit:{f}" for f in kim.flags]
+    flags += [f"beta_fit:{f}" for f in shape_fit.flags]
+    if not fit.ok or not (np.isfinite(score) and score >= agd_threshold):
+        flags.append("not_gaussian")
+
+    report = AGDReport(agd_score=score, flags=(), map_shape=(height, width), input_size=in_size, pixel_scale=scale,
+                       num_images=num_images, protocol=protocol, receptive_field_centre=rf_map, floor=floor_info,
+                       fit=fit, kim_fit=kim, shape=shape, spread=spread, area_ratios=ratios, checkerboard=checker,
+                       openerf_metrics=openerf, options=options)
+
+    # uncertainty
+    n_boot = int(bootstrap or 0)
+    if stack is not None:
+        stack = check_stack(stack)
+        down = int(down or 1)
+        h, w = stack.shape[1:]
+        if abs(h * down - height) > down or abs(w * down - width) > down:
+            flags.append("per_image_shape_mismatch")
+        else:
+            if stack.shape[0] >= 2:
+                report.convergence = convergence_curve(stack, tolerance=convergence_tolerance, seed=seed)
+            if n_boot > 0 and stack.shape[0] >= 2:
+                _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value, thresholds,
+                           r_squared_threshold, bootstrap_side, bootstrap_interval)
+            elif n_boot > 0:
+                flags.append("bootstrap_needs_two_images")
+    elif n_boot > 0 and expects_stack:
+        flags.append("no_per_image_maps")
+    report.flags = tuple(dict.fromkeys(flags))
+    return report
+
+
+def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value, thresholds,
+               r_squared_threshold, bootstrap_side, method):
+    """Fill ``report.bootstrap`` and ``report.confidence_intervals`` (see :func:`analyze`).
+
+    Each resample's mean map is formed from the per-image maps block-summed to ≤ 4·``bootstrap_side`` px per side.
+    On it: r(t) with the side interpolated between squares (whole sides are too coarse at reduced resolution), the AGD
+    score, β₂, and a fit started from the point estimate on ≤ ``bootstrap_side``² block means (σ corrected for the
+    blocks). The intervals are then translated by (full-resolution estimate − reduced-resolution estimate from all
+    images), so they are centred like the full-resolution numbers.
+    """
+    first = max(1, int(np.ceil(max(stack.shape[1:]) / (4 * bootstrap_side))))
+    stored = block_reduce(stack, first, how="sum")  # block sums over factor² map pixels
+    factor = down * first
+    total = float(stored.mean(axis=0).sum())
+    covered = float(data[: stored.shape[1] * factor, : stored.shape[2] * factor].sum())
+    to_map_units = (covered / total if total > 0 else 1.0) / factor**2
+    added = (factor * factor - 1) / 12.0
+    fit = report.fit
+    init = None
+    if np.isfinite(fit.sigma_major) and fit.sigma_minor > 0 and fit.amplitude > 0:
+        blurred = fit.covariance + added * np.eye(2)
+        major, minor, theta = ellipse_from_covariance(blurred / factor**2)
+        amp = fit.amplitude * math.sqrt(np.linalg.det(fit.covariance) / np.linalg.det(blurred))
+        init = GaussianFit(amplitude=amp, offset=fit.offset,
+                           centre=tuple((c - (factor - 1) / 2) / factor for c in fit.centre),
+                           sigma_major=major, sigma_minor=minor, theta=theta, r_squared=fit.r_squared, rmse=fit.rmse,
+                           converged=True)
+
+    def statistic(mean_block_sums):
+        m = mean_block_sums * to_map_units
+        out = {k: float("nan") for k in HEADLINE}
+        out.update({f"r({t:g})": float("nan") for t in thresholds})
+        if not m.max() > 0 or min(m.shape) < 3:
+            return out
+        for a in area_ratio(m, thresholds, interpolate=True):
+            out[f"r({a.threshold:g})"] = a.ratio if a.ratio is not None else float("nan")
+        f_floor = estimate_floor(m, method=floor) if isinstance(floor, str) else floor_value
+        g = fit_gaussian(m, floor=f_floor, init=init, restarts=init is None, max_fit_side=bootstrap_side,
+                         refine_side=bootstrap_side, r_squared_threshold=r_squared_threshold, max_nfev=100)
+        out["agd_score"] = agd_score(m, g)
+        out["r_squared"] = g.r_squared
+        if g.ok:
+            out["sigma_major"] = math.sqrt(max(factor**2 * g.sigma_major**2 - added, 0.0)) * report.pixel_scale
+            out["sigma_minor"] = math.sqrt(max(factor**2 * g.sigma_minor**2 - added, 0.0)) * report.pixel_scale
+        positive = remove_floor(m, f_floor)
+        if positive.sum() > 0:
+            out["beta2"] = mardia_kurtosis(positive)
+        return out
+
+    result = bootstrap_maps(stored, statistic, n_resamples=n_boot, confidence=confidence, seed=seed, method=method)
+    full = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
+            "sigma_minor": report.spread["sigma_minor"], "r_squared": fit.r_squared,
+            "beta2": report.shape["mardia_kurtosis"]}
+    full.update({f"r({a.threshold:g})": (a.ratio if a.ratio is not None else float("nan")) for a in report.area_ratios})
+    intervals = {}
+    for name, (low, high) in result.intervals.items():
+        shift = full.get(name, float("nan")) - result.estimate.get(name, float("nan"))
+        intervals[name] = (low + shift, high + shift)
+    report.bootstrap = result
+    report.confidence_intervals = intervals
+    report.options["bootstrap_block"] = factor
+
+
+def _empty_report(flags, shape, in_size, scale, num_images, protocol, rf_map, floor_info, fit, kim, thresholds,
+                  options) -> AGDReport:
+    nan = float("nan")
+    ratios = tuple(AreaRatio(float(t), None, None, None, (shape[0] // 2, shape[1] // 2), "log10") for t in thresholds)
+    spread = {"sigma_major": nan, "sigma_minor": nan, "sigma": nan, "sigma_major_fraction": nan,
+              "sigma_minor_fraction": nan, "sigma_fraction": nan, "sigma_source": "empty map"}
+    shape_measures = {"agd_score": nan, "hellinger": nan, "beta": nan, "mardia_kurtosis": nan,
+                      "mardia_kurtosis_raw": nan, "beta_from_kurtosis": nan, "monotonicity": nan, "rings": 0,
+                      "anisotropy": nan}
+    return AGDReport(agd_score=nan, flags=tuple(dict.fromkeys(flags + ["not_gaussian"])), map_shape=tuple(shape),
+                     input_size=in_size, pixel_scale=scale, num_images=num_images, protocol=protocol,
+                     receptive_field_centre=rf_map, floor=floor_info, fit=fit, kim_fit=kim, shape=shape_measures,
+                     spread=spread, area_ratios=ratios, checkerboard={"l1": nan, "l2": nan, "normalisation": "max"},
+                     openerf_metrics={}, options=options)
