@@ -389,20 +389,20 @@ def fit_gaussian(image, *, floor: float | None = None, init: GaussianFit | None 
     added = (coarse * coarse - 1) / 12.0
     best = None
     total_nfev = 0
-    # several starts on a short budget, then the best one to convergence
-    budget = max_nfev if len(starts) == 1 else min(max_nfev, 40)
-    for p0 in starts:
-        p0 = _convolve_params(p0, added)
-        p, converged, nfev, cost = _lm(p0, reduced, ys, xs, budget, nonnegative_offset)
+    # several starts on a short budget (offset free), then the best one to convergence (offset constrained)
+    if len(starts) == 1:
+        p, converged, nfev, _ = _lm(_convolve_params(starts[0], added), reduced, ys, xs, max_nfev,
+                                    nonnegative_offset)
         total_nfev += nfev
-        if best is None or cost < best[2]:
-            best = (p, converged, cost)
-    p, converged, _ = best
-    if not converged and budget < max_nfev and np.all(np.isfinite(p)):
-        p_more, converged, nfev, cost = _lm(p, reduced, ys, xs, max_nfev, nonnegative_offset)
+    else:
+        for p0 in starts:
+            p, converged, nfev, cost = _lm(_convolve_params(p0, added), reduced, ys, xs, min(max_nfev, 40), False)
+            total_nfev += nfev
+            if best is None or cost < best[2]:
+                best = (p, converged, cost)
+        start = best[0] if np.all(np.isfinite(best[0])) else _convolve_params(starts[0], added)
+        p, converged, nfev, _ = _lm(start, reduced, ys, xs, max_nfev, nonnegative_offset)
         total_nfev += nfev
-        if cost <= best[2]:
-            p = p_more
     p = _deconvolve_params(p, added)
     block = coarse
     if fine < coarse:
