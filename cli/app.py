@@ -1,4 +1,345 @@
+"""The ``erf`` command: measure, compare, analyze and list models. Parsing and rendering only.
+
+Every command calls one function of :mod:`erf_tools.runs` and renders what it returns. Exit codes: 0 success,
+2 bad usage or input (unknown model, missing images, bad checkpoint, unreadable result, bad option), 1 a failure while
+running, 130 Ctrl-C (a measurement keeps its partial result; rerun with ``--resume``). Expected errors print one
+sentence, never a traceback (``--debug`` shows it).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
-app = typer.Typer()
+
+from erf_tools import runs
+from erf_tools.cli import render
+from erf_tools.images import ImageSourceError
+from erf_tools.results import ResultFileError
+from erf_tools.targets import TargetError
+from erf_tools.weights import CheckpointError, UnknownModelError
+
+app = typer.Typer(
+    name="erf",
+    help="Measure, score and compare effective receptive fields (ERFs) of vision backbones.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+USAGE_ERRORS = (UnknownModelError, ImageSourceError, CheckpointError, ResultFileError, TargetError, ImportError,
+                FileNotFoundError, ValueError, TypeError)
+
+
+class Protocol(str, Enum):
+    replknet = "replknet"
+    kim2023 = "kim2023"
+    luo2016 = "luo2016"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Scale(str, Enum):
+    log = "log"
+    linear = "linear"
+    power = "power"
+
+
+class Normalise(str, Enum):
+    max = "max"
+    sum = "sum"
+    none = "none"
+
+
+class TableFormat(str, Enum):
+    terminal = "terminal"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map exceptions to one error line and an exit code."""
+    try:
+        with render.rich_warnings():
+            yield
+    except typer.Exit:
+        raise
+    except runs.MeasurementInterrupted as exc:
+        if exc.partial_path is not None:
+            render.error(f"interrupted after {exc.done} images; the partial result is saved in {exc.partial_path}: "
+                         "rerun the same command with --resume to continue")
+        else:
+            render.error("interrupted before the first batch finished; nothing was saved")
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        render.error("interrupted")
+        raise typer.Exit(130) from None
+    except USAGE_ERRORS as exc:
+        if _state["debug"]:
+            raise
+        render.error(_sentence(exc))
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one sentence, exit 1
+        if _state["debug"]:
+            raise
+        render.error(f"{type(exc).__name__}: {_sentence(exc)} (rerun with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return text
+
+
+def _formats(value: str) -> list[str]:
+    formats = [f.strip().lower().lstrip(".") for f in value.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if unknown or not formats:
+        raise typer.BadParameter(f"{value!r}: give a comma-separated list of png, pdf, svg", param_hint="--format")
+    return formats
+
+
+def _options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` ERF options (values read as JSON when possible: ``channels=[0,1]``, ``centre=[3,3]``)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _targets(target: list[str], stage: list[int], stages: bool, model: str) -> list[str] | None:
+    chosen = list(target) + [f"stage:{s}" for s in stage]
+    if stages:
+        chosen += [t for t in runs.stage_targets(model) if t not in chosen]
+    return chosen or None
+
+
+@app.callback()
+def main_options(
+    import_: Annotated[Optional[list[str]], typer.Option(
+        "--import", help="Import MODULE (dotted name or .py file) first, to register your own timm models.",
+        metavar="MODULE")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+) -> None:
+    """Measure, score and compare effective receptive fields (ERFs) of vision backbones."""
+    _state["debug"] = debug
+    if import_:
+        with _errors():
+            runs.import_modules(import_)
+
+
+# ---------------------------------------------------------------------------------------------------------- measure
+Model = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `erf models`).")]
+Images = Annotated[str, typer.Option("--images", "-i", help="A folder of images, 'sample' (bundled photographs) or "
+                                     "'noise'.")]
+NumImages = Annotated[Optional[int], typer.Option(
+    "--num-images", "-n", help=f"Images to average (default {runs.QUICK_SETTINGS['num_images']}; "
+    f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} with --full-protocol).", show_default=False)]
+Size = Annotated[Optional[int], typer.Option(
+    "--size", "-s", help=f"Input size in px (default {runs.QUICK_SETTINGS['input_size']} when the protocol's is "
+    "larger, else the protocol's; the protocol's with --full-protocol).", show_default=False)]
+FullProtocol = Annotated[bool, typer.Option(
+    "--full-protocol", help="Use the protocol's published input size and 50 images (RepLKNet: 1024 px; slow on CPU).")]
+ProtocolOpt = Annotated[Protocol, typer.Option("--protocol", "-p", help="ERF protocol preset.")]
+Weights = Annotated[str, typer.Option(
+    "--weights", "-w", help="'random' (family default init), 'active' (all-branches-active init), a checkpoint PATH, "
+    "or 'timm' / 'timm:TAG' (timm pretrained; needs the weights in the local cache).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward/backward pass.", min=1)]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+Formats = Annotated[str, typer.Option("--format", "-f", help="Figure formats, comma-separated: png, pdf, svg.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the init, the sample crops and the bootstrap.")]
+ScaleOpt = Annotated[Scale, typer.Option("--scale", help="Colour scale of the heatmaps.")]
+Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples over images for the confidence "
+                                        "intervals (0: none).", min=0)]
+
+
+@app.command()
+def measure(
+    model: Model,
+    images: Images = "sample",
+    num_images: NumImages = None,
+    size: Size = None,
+    full_protocol: FullProtocol = False,
+    protocol: ProtocolOpt = Protocol.replknet,
+    target: Annotated[Optional[list[str]], typer.Option(
+        "--target", "-t", help="Target module (dotted name) or stage:N; repeat for several.")] = None,
+    stage: Annotated[Optional[list[int]], typer.Option("--stage", help="Stage index; repeat for several.")] = None,
+    stages: Annotated[bool, typer.Option("--stages", help="Measure every stage (one forward pass).")] = False,
+    weights: Weights = "random",
+    batch_size: BatchSize = 4,
+    device: Device = "cpu",
+    precision: PrecisionOpt = Precision.fp32,
+    out: Out = Path("erf-results"),
+    format: Formats = "png",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the partial result in --out.")] = False,
+    seed: Seed = 0,
+    scale: ScaleOpt = Scale.log,
+    bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", help="ERF option KEY=VALUE overriding the protocol (e.g. gradient=abs); repeatable.")] = None,
+) -> None:
+    """Measure the ERF of one model, score it (AGD report) and save result, report and heatmap."""
+    formats = _formats(format)
+    extra = _options(option or [])
+    with _errors():
+        settings = runs.measure_settings(
+            model, protocol=protocol.value, input_size=size, num_images=num_images, images=images, weights=weights,
+            targets=_targets(target or [], stage or [], stages, model), batch_size=batch_size, device=device,
+            precision=precision.value, seed=seed, full_protocol=full_protocol)
+        render.note(settings.describe())
+        if settings.quick:
+            render.note("quick defaults (the published protocol is --full-protocol: "
+                        f"{runs.PRESETS[protocol.value].input_size} px, "
+                        f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} images)")
+        with render.progress_bar() as bar:
+            task = bar.add_task(model, total=settings.num_images)
+            run = runs.run_measure(
+                model, images=images, settings=settings, out=out, formats=formats, scale=scale.value,
+                resume=resume, bootstrap=bootstrap,
+                progress=lambda done, total: bar.update(task, completed=done, total=total), **extra)
+    rows = runs.scores_table(run.reports, run.results)
+    for result, row in zip(run.results, rows):
+        render.report_table(row, f"{result.model} — {result.target} ({result.num_images} images, "
+                                 f"{result.input_size[0]}×{result.input_size[1]} px)")
+    render.files([path for paths in run.files.values() for path in paths])
+    render.note(f"done in {run.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------- compare
+@app.command()
+def compare(
+    results: Annotated[Optional[list[str]], typer.Argument(
+        help="Saved results (.npz/.json or their stem).", show_default=False)] = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="Model to measure and compare; repeat for several.")] = None,
+    scale: ScaleOpt = Scale.log,
+    normalise: Annotated[Normalise, typer.Option(
+        "--normalise", help="Per-map normalisation before the shared colour scale.")] = Normalise.max,
+    contours: Annotated[bool, typer.Option("--contours", help="Draw the fitted Gaussian's 1/2/3σ ellipses.")] = False,
+    squares: Annotated[bool, typer.Option("--squares", help="Draw RepLKNet's r(t) squares.")] = False,
+    stages: Annotated[bool, typer.Option("--stages", help="Also draw per-stage grids (models are measured at every "
+                                         "stage).")] = False,
+    table: Annotated[TableFormat, typer.Option("--table", help="Scores table format.")] = TableFormat.terminal,
+    table_out: Annotated[Optional[Path], typer.Option("--table-out", help="Write the table to this file.")] = None,
+    name: Annotated[str, typer.Option("--name", help="Stem of the figure files.")] = "compare",
+    title: Annotated[str, typer.Option("--title", help="Figure title.")] = "Effective receptive fields",
+    out: Out = Path("erf-results"),
+    format: Formats = "png",
+    images: Images = "sample",
+    num_images: NumImages = None,
+    size: Size = None,
+    full_protocol: FullProtocol = False,
+    protocol: ProtocolOpt = Protocol.replknet,
+    weights: Weights = "random",
+    batch_size: BatchSize = 4,
+    device: Device = "cpu",
+    seed: Seed = 0,
+    bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
+) -> None:
+    """Compare ERFs on one colour scale: figure, radial profiles, per-stage grids and a scores table."""
+    formats = _formats(format)
+    sources = list(results or []) + list(model or [])
+    if not sources:
+        raise typer.BadParameter("give saved result files or --model NAME (at least one)", param_hint="RESULTS")
+    with _errors():
+        table_format = None
+        if table_out is not None:
+            table_format = table.value if table is not TableFormat.terminal else None
+        with render.progress_bar() as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(name_: str, done: int, total: int) -> None:
+                if name_ not in tasks:
+                    tasks[name_] = bar.add_task(name_, total=total)
+                bar.update(tasks[name_], completed=done, total=total)
+
+            run = runs.run_compare(
+                sources, out=out, name=name, scale=scale.value, normalise=normalise.value, contours=contours,
+                squares=squares, stages=stages, formats=formats, table_format=table_format, table_path=table_out,
+                bootstrap=bootstrap, progress=progress, title=title, images=images, num_images=num_images,
+                input_size=size, full_protocol=full_protocol, protocol=protocol.value, weights=weights,
+                batch_size=batch_size, device=device, seed=seed)
+    if table is TableFormat.terminal or table_out is not None:
+        render.scores_table(run.rows)
+    else:
+        render.plain(runs.format_table(run.rows, table.value))
+    render.files([p for paths in run.figures.values() for p in paths])
+    if run.table_path is not None:
+        render.files([run.table_path])
+
+
+# ---------------------------------------------------------------------------------------------------------- analyze
+@app.command()
+def analyze(
+    result: Annotated[str, typer.Argument(help="A saved result (.npz/.json or their stem).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the report (default: beside "
+                                                "the result).", show_default=False)] = None,
+    bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
+    figure: Annotated[bool, typer.Option("--figure", help="Also redraw the heatmap.")] = False,
+    format: Formats = "png",
+    scale: ScaleOpt = Scale.log,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Re-score a saved ERF map and write its AGD report."""
+    formats = _formats(format)
+    with _errors():
+        run = runs.run_analyze(result, out=out, bootstrap=bootstrap, figure=figure, formats=formats,
+                               scale=scale.value)
+    if as_json:
+        render.plain(json.dumps(run.report.to_dict(), indent=2) + "\n")
+        return
+    row = runs.score_row(run.report, run.result)
+    render.report_table(row, f"{run.result.model} — {run.result.target} ({run.result.num_images} images, "
+                             f"{run.result.input_size[0]}×{run.result.input_size[1]} px, {run.result.protocol})")
+    render.files(run.files)
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+@app.command()
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(
+        help="Wildcard over timm's registry (e.g. 'resnet*'); default: erf-tools' families and --import'ed models.",
+        show_default=False)] = None,
+    params: Annotated[bool, typer.Option("--params/--no-params", help="Count parameters and find the ERF layer "
+                                         "(builds each model on the meta device).")] = True,
+    table: Annotated[TableFormat, typer.Option("--table", help="Output format.")] = TableFormat.terminal,
+) -> None:
+    """List registered models: family, parameters, default ERF layer, checkpoint files per weight tag."""
+    with _errors():
+        rows = runs.models_table(pattern, parameters=params)
+        if not rows:
+            raise ValueError(f"no registered model matches {pattern!r}")
+    if table is TableFormat.terminal:
+        render.models_table(rows)
+    else:
+        render.plain(runs.format_table(rows, table.value, runs.MODEL_COLUMNS))
+
+
 def main() -> None:
+    """Entry point of the ``erf`` script."""
     app()
+
+
+if __name__ == "__main__":
+    main()
