@@ -140,8 +140,8 @@ def gaussian_2d(shape: tuple[int, int], centre: tuple[float, float], sigma_major
     height, width = (int(s) for s in shape)
     if height < 1 or width < 1:
         raise ValueError(f"shape must be positive, got {shape}")
-    if not (sigma_major > 0 and sigma_minor > 0):
-        raise ValueError(f"sigmas must be positive, got {sigma_major}, {sigma_minor}")
+    if not (sigma_major > 0 and sigma_minor > 0 and np.isfinite(sigma_major) and np.isfinite(sigma_minor)):
+        raise ValueError(f"sigmas must be positive and finite, got {sigma_major}, {sigma_minor}")
     params = _params_from_ellipse(amplitude, offset, centre, sigma_major, sigma_minor, theta)
     return _model(params, np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64))
 
@@ -519,7 +519,7 @@ def fit_gaussian_kim(image, *, r_squared_threshold: float = 0.5) -> KimFit:
         try:
             res = least_squares(lambda p: factor(p)[:, 5], p0, jac=lambda p: factor(p)[:, :5],
                                 bounds=(lower, upper), method="trf", x_scale="jac",
-                                ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=1000)
+                                ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=300)
             p, converged, nfev = res.x, bool(res.status > 0), int(res.nfev)
         except (ValueError, np.linalg.LinAlgError):
             p, converged, nfev = p0, False, 0

@@ -215,6 +215,16 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
     ValueError
         If the map is not 2-D, smaller than 3×3, or has NaN/Inf values; or the per-image maps are malformed.
     """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        # degenerate maps (a single pixel, denormal values) produce NaN/inf intermediates; they end as flags or NaN
+        return _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_field_centre,
+                        per_image_maps, per_image_downsample, floor, thresholds, r_squared_threshold, agd_threshold,
+                        bootstrap_side, bootstrap_interval, convergence_tolerance)
+
+
+def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_field_centre, per_image_maps,
+             per_image_downsample, floor, thresholds, r_squared_threshold, agd_threshold, bootstrap_side,
+             bootstrap_interval, convergence_tolerance) -> AGDReport:
     raw, stack, down, num_images, protocol, rf_input, result_input, result_options = _unpack(
         result_or_map, per_image_maps, per_image_downsample)
     expects_stack = hasattr(result_or_map, "per_image_maps") or per_image_maps is not None

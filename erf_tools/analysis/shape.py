@@ -105,8 +105,10 @@ def agd_score(image, fit: GaussianFit) -> float:
     erf = np.maximum(data - fit.offset, 0.0)
     if not erf.sum() > 0:
         return float("nan")
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore", over="ignore", invalid="ignore", divide="ignore"):
         gauss = fit.evaluate(data.shape, with_offset=False)
+    if not np.all(np.isfinite(gauss)):
+        return float("nan")
     if not gauss.sum() > 0:
         return 0.0
     return 1.0 - hellinger_distance(erf, gauss)
@@ -116,7 +118,7 @@ def moment_matched_gaussian(image) -> np.ndarray:
     """The discretised Gaussian 𝒩(μ, Σ) with the map's own mean and covariance, normalised to sum 1 on its grid."""
     data = check_distribution(image)
     mom = image_moments(data)
-    if not mom.sigma_minor > 0:
+    if not mom.sigma_minor > 1e-3:
         raise ValueError("the map's covariance is singular (all mass on a line or a pixel)")
     from .gaussian_fit import gaussian_2d
 
@@ -146,9 +148,11 @@ def whitened_distance(shape, centre, covariance) -> np.ndarray:
     distance.
     """
     cov = np.asarray(covariance, dtype=np.float64)
+    if cov.shape != (2, 2) or not np.all(np.isfinite(cov)) or not np.all(np.isfinite(centre)):
+        raise ValueError("covariance must be a finite 2x2 matrix and centre finite")
+    if not np.linalg.eigvalsh(0.5 * (cov + cov.T)).min() >= 1e-6:
+        raise ValueError("covariance must be positive definite with σ ≥ 1e-3 px along every axis")
     det = float(np.linalg.det(cov))
-    if not det > 0:
-        raise ValueError("covariance must be positive definite")
     inv = np.linalg.inv(cov)
     dy = (np.arange(shape[0]) - centre[0])[:, None]
     dx = (np.arange(shape[1]) - centre[1])[None, :]
@@ -178,7 +182,7 @@ def mardia_kurtosis(image, *, centre=None, covariance=None) -> float:
         centre = mom.centre if centre is None else centre
         covariance = mom.covariance if covariance is None else covariance
     cov = np.asarray(covariance, dtype=np.float64)
-    if not np.linalg.det(cov) > 1e-300 * max(1.0, float(np.abs(cov).max())) ** 2:
+    if not (np.all(np.isfinite(cov)) and np.linalg.det(cov) > 1e-12 * max(1.0, float(np.abs(cov).max())) ** 2):
         return float("nan")
     inv = np.linalg.inv(cov)
     dy = (np.arange(p.shape[0]) - centre[0])[:, None]
@@ -279,22 +283,44 @@ def fit_shape_exponent(image, centre, covariance, *, bounds: tuple[float, float]
     def fun(p):
         return weight * (model(p) - mean)
 
+    log_radius = np.log(np.where(radius > 0, radius, 1.0))
+
+    def jac(p):
+        amp, _, log_alpha, beta = p
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            z = np.exp(beta * (log_radius - log_alpha)) * (radius > 0)
+            e = np.exp(-z)
+            out = np.empty((radius.size, 4))
+            out[:, 0] = e
+            out[:, 1] = 1.0
+            out[:, 2] = amp * e * beta * z
+            out[:, 3] = -amp * e * z * (log_radius - log_alpha) * (radius > 0)
+        return np.nan_to_num(out * weight[:, None], nan=0.0, posinf=0.0, neginf=0.0)
+
+    lower = np.array([-np.inf, -np.inf, np.log(1e-3), lo])
+    upper = np.array([np.inf, np.inf, np.log(100 * max(r_max, 1.0)), hi])
+
+    def solve(p0, budget):
+        try:
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                return least_squares(fun, np.clip(p0, lower + 1e-9, upper - 1e-9), jac=jac, bounds=(lower, upper),
+                                     method="trf", x_scale="jac", max_nfev=budget)
+        except (ValueError, np.linalg.LinAlgError):
+            return None
+
+    # four starts on a short budget, then the best one to convergence
     best = None
     for beta0 in (2.0, 1.0, 4.0, 8.0):
         # α such that the half-maximum radius matches a Gaussian of σ_geo: (r½/α)^β = ln 2
         alpha0 = sigma_geo * np.sqrt(2 * np.log(2)) / np.log(2) ** (1 / beta0)
         alpha0 = float(np.clip(alpha0, 1e-3, 10 * max(r_max, 1.0)))
-        p0 = np.array([a0 if a0 > 0 else 1.0, b0, np.log(alpha0), beta0])
-        lower = np.array([-np.inf, -np.inf, np.log(1e-3), lo])
-        upper = np.array([np.inf, np.inf, np.log(100 * max(r_max, 1.0)), hi])
-        try:
-            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-                res = least_squares(fun, np.clip(p0, lower + 1e-9, upper - 1e-9), bounds=(lower, upper),
-                                    method="trf", x_scale="jac", max_nfev=400)
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        if np.isfinite(res.cost) and (best is None or res.cost < best.cost):
+        res = solve(np.array([a0 if a0 > 0 else 1.0, b0, np.log(alpha0), beta0]), 40)
+        if res is not None and np.isfinite(res.cost) and (best is None or res.cost < best.cost):
             best = res
+    if best is not None and best.status == 0:
+        more = solve(best.x, 200)
+        if more is not None and np.isfinite(more.cost) and more.cost <= best.cost:
+            best = more
     if best is None:
         return ShapeExponentFit(nan, nan, nan, nan, nan, ("not_converged",))
     amp, off, log_alpha, beta = best.x
