@@ -85,6 +85,11 @@ def test_structural_reparam_matches_official_merged_model(small, ref):
         k for k in small.state_dict() if ".lkb_origin." not in k and ".small_conv." not in k]
 
 
+def test_structural_reparam_keeps_a_frozen_model_frozen(small):
+    small.requires_grad_(False).structural_reparam()
+    assert not any(p.requires_grad for p in small.parameters())
+
+
 def test_merge_state_dict_equals_model_merge(small):
     merged_model = copy.deepcopy(small).structural_reparam().state_dict()
     merged_tensors = merge_state_dict(small.state_dict())
@@ -196,7 +201,7 @@ def test_fft_path_matches_official_values_and_gradients(small, ref):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
 
 
-@pytest.mark.parametrize("size,kernel", [((17, 23), 31), ((40, 33), 5), ((9, 9), 13)])
+@pytest.mark.parametrize("size,kernel", [((17, 23), 31), ((40, 33), 5), ((9, 9), 13), ((3, 5), 31)])
 def test_fft_depthwise_conv2d_equals_direct_convolution(size, kernel):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, *size, generator=generator)

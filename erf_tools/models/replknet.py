@@ -14,9 +14,10 @@ Differences from the official code, all without effect on eval-mode outputs or o
   keys are the same, so the flag is accepted and ignored here. For multi-GPU training use
   ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` explicitly.
 * ``drop_path_rate`` defaults to 0 (the timm convention) rather than the factories' 0.3; pass it for training.
-* The optional CUDA ``DepthWiseConv2dImplicitGEMM`` is not used; instead ``fft_large_kernel=True`` computes the large
-  depthwise convolutions through FFTs (same result to float32 rounding), which is faster on CPU at ERF sizes
-  (1024x1024 inputs, see ``bench/RESULTS.md``).
+* The optional CUDA ``DepthWiseConv2dImplicitGEMM`` is not used. Instead ``fft_large_kernel`` can compute the large
+  depthwise convolutions through FFTs (same result to float32 rounding): on CPU PyTorch's direct depthwise
+  convolution leaves its fast path above 13x13, so ``"auto"`` (FFT for CPU kernels >= 15) makes the forward and input
+  gradient of RepLKNet-31B several times faster at the ERF size of 1024x1024 (see ``bench/RESULTS.md``).
 
 The ERF quantity of the paper is the stage-4 output **before** the final BN (``forward_features``; module
 ``erf_target = "stages.3"``).
@@ -24,6 +25,7 @@ The ERF quantity of the paper is the stage-4 output **before** the final BN (``f
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,12 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
+
+FftMode = Union[bool, Literal["auto"]]
+#: ``fft="auto"`` uses FFTs for depthwise kernels at least this large on CPU. Measured with torch 2.14.1 on CPU
+#: (bench/bench_replknet.py --crossover): the direct kernel is 2-4x faster than FFT at 13x13 for every map size
+#: from 7 to 256, and 2-25x slower from 15x15 up, because PyTorch's direct depthwise path slows down sharply there.
+FFT_AUTO_MIN_KERNEL = 15
 
 __all__ = ["RepLKNet", "ReparamLargeKernelConv", "fft_depthwise_conv2d", "fuse_bn", "merge_state_dict"]
 
@@ -84,19 +92,41 @@ def _merge_branches(large: tuple[torch.Tensor, torch.Tensor], small: tuple[torch
     return kernel + F.pad(small_kernel, [pad] * 4), bias + small_bias
 
 
+def _check_fft_mode(fft: FftMode) -> FftMode:
+    if fft not in (True, False, "auto"):
+        raise ValueError(f"fft_large_kernel must be True, False or 'auto', got {fft!r}")
+    return fft
+
+
+def _fft_length(n: int) -> int:
+    """Smallest 5-smooth integer >= n: FFT lengths with only factors 2, 3, 5 are the fast ones."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same-padded, stride-1 depthwise cross-correlation computed with real FFTs; equals
     ``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` to float rounding, for odd K.
 
     Cost is O(H·W·log(H·W)) per channel instead of O(H·W·K²), which pays for RepLKNet's 27–31 px kernels on CPU at
     ERF input sizes. Autograd flows through ``torch.fft``, so input gradients (the ERF) are exact as well.
+
+    The transform length only needs ``H + K//2`` (not ``H + K − 1``): circular wrap-around then lands in the
+    first ``K//2`` outputs of the full convolution, which the "same" window discards.
     """
     height, width = x.shape[-2:]
     k_h, k_w = weight.shape[-2:]
-    size = (height + k_h - 1, width + k_w - 1)  # linear (not circular) convolution size
+    p_h, p_w = k_h // 2, k_w // 2
+    size = (_fft_length(max(height + p_h, k_h)), _fft_length(max(width + p_w, k_w)))
     # correlation = convolution with the flipped kernel; the "same" window starts at the kernel radius
     spectrum = torch.fft.rfft2(x, s=size) * torch.fft.rfft2(weight.flip(-1, -2).squeeze(1), s=size)
-    out = torch.fft.irfft2(spectrum, s=size)[..., k_h // 2:k_h // 2 + height, k_w // 2:k_w // 2 + width]
+    out = torch.fft.irfft2(spectrum, s=size)[..., p_h:p_h + height, p_w:p_w + width]
     if bias is not None:
         out = out + bias.reshape(-1, 1, 1)
     return out.contiguous()
@@ -116,14 +146,14 @@ class ReparamLargeKernelConv(nn.Module):
             kernel_size: int,
             small_kernel: int | None = 5,
             small_kernel_merged: bool = False,
-            fft: bool = False,
+            fft: FftMode = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 == 0 or (small_kernel is not None and (small_kernel % 2 == 0 or small_kernel > kernel_size)):
             raise ValueError(f"kernels must be odd with small <= large, got {kernel_size} and {small_kernel}")
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
-        self.fft = fft
+        self.fft = _check_fft_mode(fft)
         if small_kernel_merged:
             self.lkb_reparam = nn.Conv2d(
                 channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=True)
@@ -137,7 +167,8 @@ class ReparamLargeKernelConv(nn.Module):
         return hasattr(self, "lkb_reparam")
 
     def _large_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        if self.fft:
+        if self.fft is True or (
+                self.fft == "auto" and x.device.type == "cpu" and self.kernel_size >= FFT_AUTO_MIN_KERNEL):
             return fft_depthwise_conv2d(x, conv.weight, conv.bias)
         return conv(x)
 
@@ -166,6 +197,8 @@ class ReparamLargeKernelConv(nn.Module):
             groups=origin.groups, bias=True, device=kernel.device, dtype=kernel.dtype)
         self.lkb_reparam.weight.data = kernel
         self.lkb_reparam.bias.data = bias
+        # a frozen model (e.g. for input gradients only) stays frozen: no weight gradients for the new conv
+        self.lkb_reparam.requires_grad_(origin.weight.requires_grad)
         del self.lkb_origin
         if hasattr(self, "small_conv"):
             del self.small_conv
@@ -183,7 +216,7 @@ class RepLKBlock(nn.Module):
             small_kernel: int | None,
             drop_path: float = 0.0,
             small_kernel_merged: bool = False,
-            fft: bool = False,
+            fft: FftMode = False,
     ) -> None:
         super().__init__()
         self.pw1 = ConvBN(in_chs, dw_chs, 1, act=True)
@@ -228,7 +261,7 @@ class RepLKNetStage(nn.Module):
             ffn_ratio: float = 4.0,
             small_kernel_merged: bool = False,
             norm_intermediate_features: bool = False,
-            fft: bool = False,
+            fft: FftMode = False,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -274,7 +307,7 @@ class RepLKNet(nn.Module):
             small_kernel_merged: bool = False,
             use_sync_bn: bool = False,
             norm_intermediate_features: bool = False,
-            fft_large_kernel: bool = False,
+            fft_large_kernel: FftMode = False,
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             in_chans: int = 3,
@@ -296,7 +329,9 @@ class RepLKNet(nn.Module):
             small_kernel_merged: build the re-parameterised layout (``lkb_reparam``) directly.
             use_sync_bn: accepted for the official signature and ignored (see the module docstring).
             norm_intermediate_features: a BN per stage for intermediate outputs (official detection/segmentation).
-            fft_large_kernel: compute the large depthwise convolutions with FFTs (see :func:`fft_depthwise_conv2d`).
+            fft_large_kernel: compute the large depthwise convolutions with FFTs (:func:`fft_depthwise_conv2d`):
+                True for all, "auto" where it is faster (CPU, kernels >= ``FFT_AUTO_MIN_KERNEL``), False (default)
+                for PyTorch's direct convolution, bit-identical to the official code.
             global_pool: timm pooling type of the head.
             drop_rate: dropout before the linear head (not in the official model; 0 keeps it out).
         """
@@ -381,8 +416,10 @@ class RepLKNet(nn.Module):
         """Whether the large kernels are in the re-parameterised (``lkb_reparam``) layout."""
         return all(m.merged for m in self.modules() if isinstance(m, ReparamLargeKernelConv))
 
-    def set_fft_large_kernel(self, enable: bool = True) -> None:
-        """Switch the FFT path of the large depthwise convolutions on or off (same weights, same outputs)."""
+    def set_fft_large_kernel(self, enable: FftMode = True) -> None:
+        """Switch the FFT path of the large depthwise convolutions (True, "auto" or False; same weights, same
+        outputs to float rounding)."""
+        _check_fft_mode(enable)
         for module in self.modules():
             if isinstance(module, ReparamLargeKernelConv):
                 module.fft = enable
