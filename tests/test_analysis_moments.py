@@ -1,4 +1,4 @@
-"""Map preparation and moments: validation, floors, block reduction, moment ellipse, the analytic box autoconvolution."""
+"""Map preparation and moments: validation, floors, block reduction, moment ellipse, analytic box autoconvolution."""
 import numpy as np
 import pytest
 

@@ -151,6 +151,15 @@ def test_bootstrap_and_convergence_functions():
     assert noisy.images_needed > 1 and np.all(np.diff(noisy.num_images) > 0)
 
 
+@pytest.mark.parametrize("module", ["maps", "moments", "gaussian_fit", "shape", "area", "checkerboard", "uncertainty"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"erf_tools.analysis.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
 def test_analysis_never_imports_torch_or_the_models():
     forbidden = {"torch", "timm", "torchvision", "erf_tools.models", "erf_tools.extract", "erf_tools.targets"}
     for path in ANALYSIS.glob("*.py"):

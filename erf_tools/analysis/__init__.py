@@ -14,7 +14,7 @@ One module per concern (functions first, the report is built from them):
 Nothing here imports torch or the models.
 """
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, EffectiveArea, area_ratio, effective_area,
-                   mass_radius, radial_cumulative_mass, rank_area)
+                   mass_radius, radial_cumulative_mass, rank_area, rank_area_sorted)
 from .checkerboard import checkerboard_indices
 from .gaussian_fit import FAILURE_FLAGS, GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, gaussian_2d, r_squared
 from .maps import block_reduce, check_distribution, check_map, estimate_floor, normalise, remove_floor
@@ -42,8 +42,8 @@ __all__ = [
     "ShapeExponentFit", "fit_shape_exponent", "RadialProfile", "radial_profile", "radial_monotonicity",
     "whitened_distance",
     # areas
-    "AREA_THRESHOLDS", "OPENERF_RADII", "AreaRatio", "area_ratio", "rank_area", "EffectiveArea", "effective_area",
-    "radial_cumulative_mass", "mass_radius",
+    "AREA_THRESHOLDS", "OPENERF_RADII", "AreaRatio", "area_ratio", "rank_area", "rank_area_sorted", "EffectiveArea",
+    "effective_area", "radial_cumulative_mass", "mass_radius",
     # checkerboard
     "checkerboard_indices",
     # uncertainty

@@ -324,7 +324,7 @@ def fit_gaussian(image, *, floor: float | None = None, init: GaussianFit | None 
     --------
     >>> g = gaussian_2d((64, 64), (30.0, 33.0), 6.0, 3.0, np.radians(30))
     >>> fit = fit_gaussian(g)
-    >>> round(fit.sigma_major, 3), round(fit.sigma_minor, 3), round(np.degrees(fit.theta), 2)
+    >>> round(fit.sigma_major, 3), round(fit.sigma_minor, 3), round(float(np.degrees(fit.theta)), 2)
     (6.0, 3.0, 30.0)
     """
     data = check_map(image)
@@ -471,7 +471,8 @@ def fit_gaussian_kim(image, *, r_squared_threshold: float = 0.5) -> KimFit:
     ``amp·exp(−(x−xc)²/2σx² − (y−yc)²/2σy²) / (2π σx σy)`` (no rotation, no offset). Start amp = 2,
     xc = 0.8·median(column index), yc = 0.8·median(row index), σx = W/15, σy = H/9; bounds amp ≥ 0,
     0 ≤ xc ≤ W−1, 0 ≤ yc ≤ H−1, σ ≥ 1e-6; scipy's trust-region reflective least squares with tight tolerances
-    (it reaches lmfit's optimum on the published maps, including the failed ViT-S fit). R² = 1 − Var(residual)/Var(data).
+    (it reaches lmfit's optimum on the published maps, including the failed ViT-S fit).
+    R² = 1 − Var(residual)/Var(data).
 
     The model is separable, so the solver is handed an equivalent 6-element residual: with the Gram matrix
     G = [J r]ᵀ[J r] computed from row and column sums (O(H·W) per step instead of an SVD of an (H·W)×5 Jacobian) and

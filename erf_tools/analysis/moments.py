@@ -137,7 +137,7 @@ def image_moments(image, centre: tuple[float, float] | None = None) -> Moments:
 
 
 def argmax_position(image, *, smooth: float = 0.0) -> tuple[int, int]:
-    """``(y, x)`` of the maximum, optionally after a Gaussian blur of ``smooth`` pixels (robust to single hot pixels)."""
+    """``(y, x)`` of the maximum, optionally after a Gaussian blur of ``smooth`` px (robust to single hot pixels)."""
     array = np.asarray(image, dtype=np.float64)
     if array.ndim != 2 or array.size == 0:
         raise ValueError(f"argmax_position needs a non-empty 2-D map, got shape {array.shape}")

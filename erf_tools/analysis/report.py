@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effective_area, mass_radius,
-                   radial_cumulative_mass, rank_area)
+                   radial_cumulative_mass, rank_area_sorted)
 from .checkerboard import checkerboard_indices
 from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
@@ -259,7 +259,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         floor_value, floor_method = float(floor), "given"
     floor_info = {"value": floor_value, "method": floor_method,
                   "fraction_of_peak": floor_value / peak if peak > 0 else float("nan"),
-                  "mass_fraction": float(np.minimum(data, floor_value).sum() / data.sum()) if peak > 0 else float("nan")}
+                  "mass_fraction": (float(np.minimum(data, floor_value).sum() / data.sum()) if peak > 0
+                                    else float("nan"))}
 
     fit = fit_gaussian(data, floor=floor_value, centres=[rf_map] if rf_map is not None else (),
                        r_squared_threshold=r_squared_threshold)
@@ -308,6 +309,7 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     sig_minor = fit.sigma_minor * scale if fit.ok else nan
     eff_raw, eff_pos = effective_area(data), effective_area(positive)
     image_centre = (height // 2, width // 2)
+    descending = np.sort(data.ravel())[::-1]
     centres = {"image_centre": image_centre, "centre_of_mass": mom_raw.centre}
     if rf_map is not None:
         centres["receptive_field_centre"] = rf_map
@@ -318,8 +320,9 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         "sigma_source": "full-covariance fit" if fit.ok else "fit flagged: not reported",
         "moments_raw": _moments_dict(mom_raw, scale, input_side),
         "moments_floor_removed": _moments_dict(mom_pos, scale, input_side),
-        "rank_area_raw": dict(zip(map(float, thresholds), rank_area(data, thresholds))),
-        "rank_area_floor_removed": dict(zip(map(float, thresholds), rank_area(positive, thresholds))),
+        "rank_area_raw": dict(zip(map(float, thresholds), rank_area_sorted(descending, thresholds))),
+        "rank_area_floor_removed": dict(zip(map(float, thresholds), rank_area_sorted(
+            descending, thresholds, floor=0.0 if positive is data else floor_value))),
         "effective_area_raw": {"area": eff_raw.area * scale**2, "ratio": eff_raw.ratio, "sigma": eff_raw.sigma * scale},
         "effective_area_floor_removed": {"area": eff_pos.area * scale**2, "ratio": eff_pos.ratio,
                                          "sigma": eff_pos.sigma * scale},
