@@ -21,17 +21,22 @@ than the absolute times do.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections import defaultdict
 
-import timm
-import torch
+# On a shared machine, OpenMP threads that spin-wait for a descheduled sibling cost up to 10x in wall time (measured
+# here at load average 8 on 2 cores); passive waiting keeps the figures about the model. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import erf_tools.models.dcnv3 as dcnv3_module
-from erf_tools.models.dcnv3 import DCNv3
-from erf_tools.models.uniconvnet import ReceptiveFieldAggregator
-from erf_tools.weights import activate_branches
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import erf_tools.models.dcnv3 as dcnv3_module  # noqa: E402
+from erf_tools.models.dcnv3 import DCNv3  # noqa: E402
+from erf_tools.models.uniconvnet import ReceptiveFieldAggregator  # noqa: E402
+from erf_tools.weights import activate_branches  # noqa: E402
 
 BRANCHES = ("rfa", "dcn", "dcn_core", "mlp")
 
@@ -42,16 +47,21 @@ def objective(features: torch.Tensor) -> torch.Tensor:
     return torch.relu(features[0, :, height // 2, width // 2]).sum()
 
 
-def forward_backward(model: torch.nn.Module, image: torch.Tensor) -> tuple[float, float]:
-    """Seconds for the forward pass and for the input-gradient pass."""
+def forward_backward(model: torch.nn.Module, image: torch.Tensor) -> tuple[float, float, float]:
+    """Wall seconds for the forward pass and for the input-gradient pass, and the process CPU seconds of both.
+
+    CPU seconds (all threads) are less sensitive to other processes on a shared machine than wall time.
+    """
     x = image.clone().requires_grad_(True)
+    cpu = time.process_time()
     start = time.perf_counter()
     score = objective(model.forward_features(x))
     middle = time.perf_counter()
     (grad,) = torch.autograd.grad(score, x)
     end = time.perf_counter()
+    cpu = time.process_time() - cpu
     assert grad.abs().sum() > 0
-    return middle - start, end - middle
+    return middle - start, end - middle, cpu
 
 
 class BranchTimer:
@@ -123,14 +133,15 @@ def bench_size(model: torch.nn.Module, size: int, repeats: int) -> dict:
     finally:
         timer.remove()
     runs = [forward_backward(model, image) for _ in range(repeats)]
-    forward, backward = min(runs, key=sum)
+    forward, backward, cpu = min(runs, key=lambda run: run[0] + run[1])
     return {
         "size": size,
         "forward": forward,
         "backward": backward,
         "total": forward + backward,
-        "instrumented_total": sum(instrumented),
-        "instrumented": instrumented,
+        "cpu": cpu,
+        "instrumented_total": instrumented[0] + instrumented[1],
+        "instrumented": instrumented[:2],
         "branches": {kind: tuple(timer.seconds[kind]) for kind in BRANCHES},
     }
 
@@ -142,7 +153,8 @@ def report(result: dict) -> list[str]:
         f"### {result['size']}x{result['size']}",
         "",
         f"forward {result['forward']:.2f} s + input gradient {result['backward']:.2f} s = "
-        f"**{result['total']:.2f} s per image** (best of clean runs); instrumented run {total:.2f} s",
+        f"**{result['total']:.2f} s per image** wall ({result['cpu']:.1f} CPU s, best clean run); "
+        f"instrumented run {total:.2f} s wall",
         "",
         "| part | forward s | backward s | share of forward+backward |",
         "|---|---|---|---|",
@@ -163,6 +175,66 @@ def report(result: dict) -> list[str]:
     return lines
 
 
+def _cpu_seconds(fn, repeats: int) -> float:
+    """Process CPU seconds (all threads) of ``fn``, the minimum over ``repeats`` runs after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def block_shares(model: torch.nn.Module, size: int, repeats: int) -> list[str]:
+    """CPU seconds of forward + input gradient for the first block of each stage, its branches and its DCN core.
+
+    Each part runs alone on a random input of the shape it sees in the model, so the figures do not depend on hooks;
+    the branch rows include their LayerNorm, the core row is ``dcnv3_core`` alone.
+    """
+    lines = [
+        f"Per block at {size}x{size} (first block of each stage, forward + input gradient, CPU seconds, best of "
+        f"{repeats}):",
+        "",
+        "| stage | map | block | RFA branch | DCN branch | DCN core | MLP branch | core / block |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for index, stage in enumerate(model.stages):
+        block = stage[0]
+        side = size // 2 ** (index + 2)
+        dim = block.gamma1.numel()
+        x = torch.randn(1, dim, side, side, generator=generator)
+        x_last = x.permute(0, 2, 3, 1).contiguous()
+        group, points = block.dcn.group, block.dcn.kernel_size**2
+        core_inputs = (
+            torch.randn(1, side, side, dim, generator=generator),
+            torch.randn(1, side, side, group * points * 2, generator=generator),
+            torch.randn(1, side, side, group * points, generator=generator) * 0.3,
+        )
+
+        def grad_of(fn, *inputs):
+            def run():
+                leaves = [t.clone().requires_grad_(True) for t in inputs]
+                out = fn(*leaves)
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+            return run
+
+        times = {
+            "block": _cpu_seconds(grad_of(block, x), repeats),
+            "rfa": _cpu_seconds(grad_of(block.attn, x), repeats),
+            "dcn": _cpu_seconds(grad_of(lambda t: block.dcn(block.norm1(t)), x_last), repeats),
+            "core": _cpu_seconds(grad_of(lambda v, o, m: dcnv3_module.dcnv3_core(v, o, m, group), *core_inputs), repeats),
+            "mlp": _cpu_seconds(grad_of(lambda t: block.mlp(block.norm2(t)), x_last), repeats),
+        }
+        lines.append(
+            f"| {index} | {dim}x{side}x{side} | {times['block']:.3f} | {times['rfa']:.3f} | {times['dcn']:.3f} | "
+            f"{times['core']:.3f} | {times['mlp']:.3f} | {100 * times['core'] / times['block']:.0f} % |"
+        )
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 1024])
@@ -176,17 +248,20 @@ def main() -> None:
     activate_branches(model, seed=0)
     model.eval().requires_grad_(False)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-        f"batch 1, float32, active init, parameters frozen",
+        f"batch 1, float32, active init, parameters frozen; "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load average {load:.1f} at start",
         "",
     ]
     for size in args.sizes:
         repeats = args.repeats if size <= 512 else 1  # a 1024 pass takes tens of seconds on 2 cores
         result = bench_size(model, size, repeats)
-        lines += report(result)
+        section = report(result) + block_shares(model, size, args.repeats)
+        lines += section
         if not args.markdown:
-            print("\n".join(report(result)), flush=True)
+            print("\n".join(section), flush=True)
     if args.markdown:
         print("\n".join(lines))
 
