@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import erf_tools.models  # noqa: F401  (registers the models with timm)
 from erf_tools.models.parc import (
     FFT_MIN_LENGTH,
+    CircularCorrelationFFT,
     ParC,
     ParCConvNeXt,
     ParCResNet,
@@ -78,6 +79,30 @@ def test_fft_path_matches_spatial_in_float32_with_input_gradients(dense: bool, l
     # the gradient of one output reaches the whole row through the wrap-around: a global, circular receptive field
     row = grads["spatial"][0, :, length // 2, :].abs().sum(0)
     assert bool((row > 0).all())
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["depthwise", "dense"])
+@pytest.mark.parametrize("axis", [2, 3])
+def test_fft_core_gradients_pass_gradcheck(dense: bool, axis: int) -> None:
+    """The hand-written FFT backward (adjoint convolution, kernel correlation) against finite differences."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2 if dense else 1, x.shape[axis], generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: CircularCorrelationFFT.apply(a, b, axis), (x, w), fast_mode=True)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["depthwise", "dense"])
+def test_parameter_gradients_agree_between_paths_through_the_interpolation(dense: bool) -> None:
+    op = random_parc(4, "H", 7, dense)
+    x = torch.randn(2, 4, 11, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = {}
+    for path in ("spatial", "fft"):
+        op.path = path
+        op.zero_grad()
+        op(x).square().sum().backward()
+        grads[path] = [p.grad.clone() for p in (op.pe, op.gcc_conv.weight, op.gcc_conv.bias)]
+    for spatial, fft in zip(grads["spatial"], grads["fft"]):
+        torch.testing.assert_close(fft, spatial, rtol=1e-10, atol=1e-10)
 
 
 def test_auto_path_follows_the_measured_crossover() -> None:

@@ -41,6 +41,7 @@ from erf_tools.models.common import unwrap_checkpoint
 
 __all__ = [
     "FFT_MIN_LENGTH",
+    "CircularCorrelationFFT",
     "ParC",
     "ParCConvNeXt",
     "ParCResNet",
@@ -53,9 +54,12 @@ ParCPath = Literal["auto", "spatial", "fft"]
 Direction = Literal["H", "W"]
 
 #: Shortest axis length (runtime feature size) from which the ``'auto'`` path uses Fast-ParC, per operator kind.
-#: Measured with ``bench/bench_parc.py`` (forward + input-gradient, float32, 2-core CPU); see bench/RESULTS.md,
-#: section "ParC spatial vs FFT crossover (CPU)".
-FFT_MIN_LENGTH: dict[str, int] = {"depthwise": 8, "dense": 8}
+#: Measured with ``bench/bench_parc.py --clock cpu`` on the 2-core CPU (bench/RESULTS.md, "ParC spatial vs FFT
+#: crossover (CPU)"): for forward + input gradient (the ERF workload) FFT wins at every measured L >= 16 for the
+#: depthwise pairs (C = 96, 192, 384) and at every L >= 12 for the dense ones (C = 128, 256); below that the two
+#: are within ~10 % (depthwise) or spatial wins (dense, up to 2x at L = 7). So the native 224 maps (L = 14, 7) keep
+#: the official spatial arithmetic in ParC-ConvNeXt, and the 1024 maps (L = 64, 32) take the FFT path everywhere.
+FFT_MIN_LENGTH: dict[str, int] = {"depthwise": 16, "dense": 12}
 
 
 def parc_kernel(meta: torch.Tensor, length: int, direction: Direction) -> torch.Tensor:
@@ -70,6 +74,59 @@ def parc_kernel(meta: torch.Tensor, length: int, direction: Direction) -> torch.
         return meta
     size = (length, 1) if direction == "H" else (1, length)
     return F.interpolate(meta, size=size, mode="bilinear", align_corners=True)
+
+
+def _spectral_mix(x_f: torch.Tensor, k_f: torch.Tensor, axis: int, adjoint: bool = False) -> torch.Tensor:
+    """Per-frequency channel mixing: ``Y[o] = Σ_c X[c]·K[o, c]`` (dense) or ``Y[c] = X[c]·K[c]`` (depthwise,
+    ``k_f`` of shape (C, 1, F)); ``adjoint`` sums over the output channel instead (the transposed mixing)."""
+    if k_f.shape[1] == 1 and k_f.shape[0] == x_f.shape[1]:  # depthwise
+        k = k_f[:, 0, :, None] if axis == 2 else k_f[:, 0, None, :]
+        return x_f * k
+    if axis == 2:
+        return torch.einsum("bofw,ocf->bcfw" if adjoint else "bcfw,ocf->bofw", x_f, k_f)
+    return torch.einsum("bohf,ocf->bchf" if adjoint else "bchf,ocf->bohf", x_f, k_f)
+
+
+class CircularCorrelationFFT(torch.autograd.Function):
+    """Fast-ParC core: circular cross-correlation along ``axis`` (2 or 3) by real FFTs, with an FFT backward.
+
+    Forward ``y = irfft(rfft(x) · conj(rfft(w)), n=L)``, ``w`` of shape (C_out, C_in/groups, L). The backward uses
+    the adjoint directly (a circular *convolution* with the same kernel, ``irfft(rfft(g) · rfft(w))``), and for the
+    kernel ``irfft(Σ conj(rfft(g)) · rfft(x))``; generic autograd through ``rfft``/``irfft`` costs about twice as
+    much here because it materialises full complex spectra. Depthwise when ``w`` has one input channel per group
+    and C_out = C_in; dense otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:  # noqa: D102
+        length = x.shape[axis]
+        w_f = torch.fft.rfft(weight, dim=-1)
+        y = torch.fft.irfft(_spectral_mix(torch.fft.rfft(x, dim=axis), w_f.conj(), axis), n=length, dim=axis)
+        ctx.axis = axis
+        ctx.save_for_backward(x if weight.requires_grad else None, w_f)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):  # noqa: D102
+        x, w_f = ctx.saved_tensors
+        axis = ctx.axis
+        length = grad_y.shape[axis]
+        g_f = torch.fft.rfft(grad_y, dim=axis)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(_spectral_mix(g_f, w_f, axis, adjoint=True), n=length, dim=axis)
+        if ctx.needs_input_grad[1]:
+            x_f = torch.fft.rfft(x, dim=axis)
+            other = 3 if axis == 2 else 2
+            if w_f.shape[1] == 1 and w_f.shape[0] == x.shape[1]:  # depthwise: (C, F), summed over batch and other axis
+                cross = (g_f.conj() * x_f).sum(dim=(0, other)).unsqueeze(1)
+            elif axis == 2:
+                cross = torch.einsum("bofw,bcfw->ocf", g_f.conj(), x_f)
+            else:
+                cross = torch.einsum("bohf,bchf->ocf", g_f.conj(), x_f)
+            grad_w = torch.fft.irfft(cross, n=length, dim=-1)
+        return grad_x, grad_w, None
 
 
 class ParC(nn.Module):
@@ -154,18 +211,11 @@ class ParC(nn.Module):
 
     def _forward_fft(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         axis = 2 if self.direction == "H" else 3
-        length = x.shape[axis]
-        x_f = torch.fft.rfft(x, dim=axis)
-        w_f = torch.fft.rfft(weight.flatten(2), dim=-1).conj()  # (C_out, C_in/groups, F); conj: cross-correlation
-        if self.gcc_conv.groups > 1:
-            w_f = w_f[:, 0, :, None] if self.direction == "H" else w_f[:, 0, None, :]
-            y_f = x_f * w_f
-        elif self.direction == "H":
-            y_f = torch.einsum("bcfw,ocf->bofw", x_f, w_f)
-        else:
-            y_f = torch.einsum("bchf,ocf->bohf", x_f, w_f)
-        y = torch.fft.irfft(y_f, n=length, dim=axis)
-        return y + self.gcc_conv.bias.view(1, -1, 1, 1)
+        dtype = x.dtype
+        if dtype not in (torch.float32, torch.float64):  # half / bfloat16 (autocast): FFTs need single precision
+            x = x.float()
+        y = CircularCorrelationFFT.apply(x, weight.flatten(2).to(x.dtype), axis)
+        return (y + self.gcc_conv.bias.view(1, -1, 1, 1).to(x.dtype)).to(dtype)
 
     def extra_repr(self) -> str:
         kind = "depthwise" if self.depthwise else "dense"
