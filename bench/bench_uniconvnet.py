@@ -71,8 +71,12 @@ class BranchTimer:
         self.seconds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self.handles = []
         for module in model.modules():
-            kind = "rfa" if isinstance(module, ReceptiveFieldAggregator) else "dcn" if isinstance(module, DCNv3) else None
-            if kind is None and type(module).__name__ == "Mlp":
+            kind = None
+            if isinstance(module, ReceptiveFieldAggregator):
+                kind = "rfa"
+            elif isinstance(module, DCNv3):
+                kind = "dcn"
+            elif type(module).__name__ == "Mlp":
                 kind = "mlp"
             if kind is not None:
                 self._hook(module, kind)
@@ -225,7 +229,9 @@ def block_shares(model: torch.nn.Module, size: int, repeats: int) -> list[str]:
             "block": _cpu_seconds(grad_of(block, x), repeats),
             "rfa": _cpu_seconds(grad_of(block.attn, x), repeats),
             "dcn": _cpu_seconds(grad_of(lambda t: block.dcn(block.norm1(t)), x_last), repeats),
-            "core": _cpu_seconds(grad_of(lambda v, o, m: dcnv3_module.dcnv3_core(v, o, m, group), *core_inputs), repeats),
+            "core": _cpu_seconds(
+                grad_of(lambda v, o, m: dcnv3_module.dcnv3_core(v, o, m, group), *core_inputs), repeats
+            ),
             "mlp": _cpu_seconds(grad_of(lambda t: block.mlp(block.norm2(t)), x_last), repeats),
         }
         lines.append(
@@ -250,7 +256,8 @@ def main() -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}, "
         f"batch 1, float32, active init, parameters frozen; "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load average {load:.1f} at start",
         "",

@@ -62,7 +62,9 @@ def reference_dcnv3_core(
     return torch.stack(rows).view(n, height, width, channels)
 
 
-def _inputs(n=1, height=4, width=5, group=2, group_channels=3, kernel_size=3, offset_std=1.5, seed=0, dtype=torch.float64):
+def _inputs(
+    n=1, height=4, width=5, group=2, group_channels=3, kernel_size=3, offset_std=1.5, seed=0, dtype=torch.float64
+):
     generator = torch.Generator().manual_seed(seed)
     points = kernel_size * kernel_size
 

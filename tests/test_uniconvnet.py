@@ -158,7 +158,8 @@ def test_pretrained_cfgs():
     cfgs = {name: timm.models.get_pretrained_cfg(name).to_dict() for name in timm.list_pretrained("uniconvnet_*")}
     assert len(cfgs) == 18
     t384 = cfgs["uniconvnet_t.in1k_384"]
-    assert (t384["input_size"], t384["crop_pct"], t384["hf_hub_filename"]) == ((3, 384, 384), 1.0, "uniconvnet_t_1k_384.pth")
+    assert (t384["input_size"], t384["crop_pct"], t384["crop_mode"]) == ((3, 384, 384), 1.0, "squash")
+    assert t384["hf_hub_filename"] == "uniconvnet_t_1k_384.pth"
     assert cfgs["uniconvnet_l.in22k"]["num_classes"] == 21841
     assert cfgs["uniconvnet_xl.in22k_ft_in1k_384"]["num_classes"] == 1000
     assert cfgs["uniconvnet_a.in1k"]["hf_hub_filename"] == "uniconvnet_a_1k_224.pth"
@@ -184,7 +185,7 @@ def test_load_official_checkpoint_layout(tmp_path):
 
 
 def test_load_ema_checkpoint(tmp_path):
-    """The official factories read ``checkpoint['model']``, also from the ``*_ema`` files; an EMA-only file loads too."""
+    """The official factories read ``checkpoint['model']`` (also from ``*_ema`` files); EMA-only files load too."""
     model = _small_a()
     state, ema = _perturbed_state_dict(model), {k: v - 0.25 for k, v in model.state_dict().items()}
     torch.save({"model": state, "model_ema": ema}, tmp_path / "both.pth")

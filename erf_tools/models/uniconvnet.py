@@ -198,7 +198,9 @@ class UniConvNet(nn.Module):
             raise ValueError("UniConvNet has four stages: depths and dims need four entries each")
         bad = [d for d in dims if d % dcn_group_channels or d % 4]
         if bad:
-            raise ValueError(f"stage widths {bad} are not divisible by 4 and by dcn_group_channels={dcn_group_channels}")
+            raise ValueError(
+                f"stage widths {bad} are not divisible by 4 and by dcn_group_channels={dcn_group_channels}"
+            )
         self._check_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
