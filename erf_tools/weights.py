@@ -120,6 +120,9 @@ def activate_branches(model: nn.Module, seed: int = 0) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             normal_(module.running_mean, 0.1)
             uniform_(module.running_var, 0.5, 1.5)
+    # A second pass: a module's own rule (e.g. DCN offset/mask layers) must not be overwritten by the generic draws
+    # that reach its children later in named_modules() order.
+    for _, module in model.named_modules():
         if hasattr(module, "active_init_"):
             module.active_init_(generator)
     return model

@@ -282,3 +282,18 @@ def test_active_init_widens_the_random_init_erf():
 def test_exported_api():
     for name in erf_tools.__all__:
         assert hasattr(erf_tools, name)
+
+
+def test_module_active_init_runs_after_the_generic_rules():
+    class Special(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def active_init_(self, generator: torch.Generator) -> None:
+            self.inner.weight.data.fill_(7.0)
+
+    model = nn.Sequential(Special(), nn.Conv2d(3, 3, 1))
+    activate_branches(model, seed=0)
+    assert torch.all(model[0].inner.weight == 7.0)  # not overwritten by the fan-in draw of its child
+    assert model[0].inner.bias.abs().max() > 0
