@@ -49,6 +49,12 @@ def test_analyze_result_with_bootstrap_and_convergence():
         assert np.isfinite(low) and np.isfinite(high) and low <= high, name
     low, high = report.interval("sigma_major")
     assert low < 14.0 * 1.03 and high > 14.0 * 0.97
+    estimates = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
+                 "sigma_minor": report.spread["sigma_minor"], "r_squared": report.fit.r_squared,
+                 "beta2": report.shape["mardia_kurtosis"]}
+    for name, value in estimates.items():  # an estimate outside its interval is always flagged
+        low, high = report.interval(name)
+        assert (f"noise_biased:{name}" in report.flags) == (not low <= value <= high), name
     assert report.bootstrap.n_resamples == 60 and report.bootstrap.num_images == 12
     assert report.convergence is not None
     assert report.convergence.num_images[0] == 1 and report.convergence.num_images[-1] == 12

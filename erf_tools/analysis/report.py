@@ -202,7 +202,10 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
         is evaluated on block sums no larger than 4× this; the intervals are translated by the difference between the
         full-resolution estimate and the reduced-resolution estimate from all images.
     bootstrap_interval : {"percentile", "basic"}
-        Interval type (:func:`~erf_tools.analysis.uncertainty.bootstrap_maps`).
+        Interval type (:func:`~erf_tools.analysis.uncertainty.bootstrap_maps`). Shape scores are lowered by pixel
+        noise, and resamples (which repeat images) are noisier than the full set, so with few images a percentile
+        interval can lie wholly below the estimate; such numbers are flagged ``noise_biased:<name>`` (use more
+        images, see ``convergence``; ``"basic"`` reflects the interval to correct the bias to first order).
     convergence_tolerance : float
         Hellinger distance below which the mean map is regarded as no longer changing.
 
@@ -371,8 +374,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
             if stack.shape[0] >= 2:
                 report.convergence = convergence_curve(stack, tolerance=convergence_tolerance, seed=seed)
             if n_boot > 0 and stack.shape[0] >= 2:
-                _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value, thresholds,
-                           r_squared_threshold, bootstrap_side, bootstrap_interval)
+                flags += _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value,
+                                    thresholds, r_squared_threshold, bootstrap_side, bootstrap_interval)
             elif n_boot > 0:
                 flags.append("bootstrap_needs_two_images")
     elif n_boot > 0 and expects_stack:
@@ -436,12 +439,26 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             "beta2": report.shape["mardia_kurtosis"]}
     full.update({f"r({a.threshold:g})": (a.ratio if a.ratio is not None else float("nan")) for a in report.area_ratios})
     intervals = {}
+    biased = []
     for name, (low, high) in result.intervals.items():
         shift = full.get(name, float("nan")) - result.estimate.get(name, float("nan"))
-        intervals[name] = (low + shift, high + shift)
+        low, high = _clip_interval(name, low + shift, high + shift)
+        intervals[name] = (low, high)
+        if np.isfinite(full.get(name, np.nan)) and np.isfinite(low) and not low <= full[name] <= high:
+            biased.append(name)
     report.bootstrap = result
     report.confidence_intervals = intervals
     report.options["bootstrap_block"] = factor
+    return [f"noise_biased:{name}" for name in biased]
+
+
+def _clip_interval(name: str, low: float, high: float) -> tuple[float, float]:
+    """Keep translated/reflected interval ends inside the range of the statistic."""
+    if name == "r_squared":
+        return min(low, 1.0), min(high, 1.0)
+    if name == "agd_score" or name.startswith("r("):
+        return float(np.clip(low, 0.0, 1.0)), float(np.clip(high, 0.0, 1.0))
+    return max(low, 0.0), max(high, 0.0)
 
 
 def _empty_report(flags, shape, in_size, scale, num_images, protocol, rf_map, floor_info, fit, kim, thresholds,
