@@ -95,7 +95,7 @@ def measure_settings(
     images: str = "sample",
     weights: str = "random",
     targets: Sequence[str] | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
@@ -119,6 +119,11 @@ def measure_settings(
         raise ValueError(f"the number of images must be at least 1, got {num_images}")
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=int(num_images),
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
                            batch_size=int(batch_size), device=str(device), precision=str(precision), seed=int(seed),
@@ -230,7 +235,7 @@ def run_measure(
     protocol: str = "replknet",
     targets: Sequence[str] | None = None,
     weights: str = "random",
-    batch_size: int = 4,
+    batch_size: int = 2,
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,

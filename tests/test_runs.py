@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from erf_tools import runs
 from erf_tools.results import load_result
@@ -27,6 +28,9 @@ def test_quick_and_full_protocol_settings():
         runs.measure_settings("resnet50", protocol="nope")
     with pytest.raises(ValueError, match="at least 1"):
         runs.measure_settings("resnet50", num_images=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            runs.measure_settings("resnet50", device="cuda")
 
 
 def test_output_stems():
