@@ -37,12 +37,14 @@ def synthetic(size: int, images: int, downsample: int, seed: int = 0) -> tuple[n
 
 
 def timed(fn, repeats: int):
-    times, out = [], None
+    """(median wall s, min wall s, min CPU s of this process, last output)."""
+    times, cpu, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), out
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), min(times), min(cpu), out
 
 
 def main() -> None:
@@ -58,23 +60,24 @@ def main() -> None:
     print(f"# analyze() on {args.size}x{args.size} maps: {args.images} images, per-image maps "
           f"{per_image.shape[1]}x{per_image.shape[2]} (block {args.downsample}), {args.resamples} resamples")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rows = []
-    t, best, fit = timed(lambda: fit_gaussian(erf), args.repeats)
-    rows.append(("fit_gaussian (full covariance, block means + refine)", t, best))
-    t, best, _ = timed(lambda: fit_gaussian_kim(erf), args.repeats)
-    rows.append(("fit_gaussian_kim (every pixel, reduced 6-row problem)", t, best))
-    t, best, report = timed(lambda: analyze(erf, bootstrap=0), args.repeats)
-    rows.append(("analyze(map) - no per-image maps, no bootstrap", t, best))
-    t, best, boot = timed(lambda: analyze(erf, per_image_maps=per_image, per_image_downsample=args.downsample,
+    t, best, cpu, fit = timed(lambda: fit_gaussian(erf), args.repeats)
+    rows.append(("fit_gaussian (full covariance, block means + refine)", t, best, cpu))
+    t, best, cpu, _ = timed(lambda: fit_gaussian_kim(erf), args.repeats)
+    rows.append(("fit_gaussian_kim (every pixel, reduced 6-row problem)", t, best, cpu))
+    t, best, cpu, report = timed(lambda: analyze(erf, bootstrap=0), args.repeats)
+    rows.append(("analyze(map) - no per-image maps, no bootstrap", t, best, cpu))
+    t, best, cpu, boot = timed(lambda: analyze(erf, per_image_maps=per_image, per_image_downsample=args.downsample,
                                           bootstrap=args.resamples), args.repeats)
-    rows.append((f"analyze(map + per-image maps, bootstrap={args.resamples}) incl. convergence curve", t, best))
-    t, best, full = timed(lambda: fit_gaussian(erf, max_fit_side=args.size, refine_side=args.size, restarts=False), 1)
-    rows.append(("fit_gaussian on every pixel (accuracy reference, 1 run)", t, best))
+    rows.append((f"analyze(map + per-image maps, bootstrap={args.resamples}) incl. convergence curve", t, best, cpu))
+    t, best, cpu, full = timed(lambda: fit_gaussian(erf, max_fit_side=args.size, refine_side=args.size, restarts=False), 1)
+    rows.append(("fit_gaussian on every pixel (accuracy reference, 1 run)", t, best, cpu))
 
-    print("\n| step | median s | min s |\n|---|---|---|")
-    for name, median, low in rows:
-        print(f"| {name} | {median:.2f} | {low:.2f} |")
+    print("\n| step | median wall s | min wall s | min CPU s |\n|---|---|---|---|")
+    for name, median, low, cpu in rows:
+        print(f"| {name} | {median:.2f} | {low:.2f} | {cpu:.2f} |")
     print(f"\nblock-mean fit (block {fit.block}) vs every-pixel fit: σ_major {fit.sigma_major:.3f} vs "
           f"{full.sigma_major:.3f} ({100 * (fit.sigma_major / full.sigma_major - 1):+.3f} %), σ_minor "
           f"{fit.sigma_minor:.3f} vs {full.sigma_minor:.3f} ({100 * (fit.sigma_minor / full.sigma_minor - 1):+.3f} %),"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -118,13 +119,9 @@ def area_ratio(image, thresholds=AREA_THRESHOLDS, *, centre: tuple[float, float]
     i_max = min(cy - 1, cx - 1, height - 1 - cy, width - 1 - cx)
     fractions = np.zeros(0)
     if total > 0 and i_max >= 1:
-        # summed-area table: S[a, b] = sum of d[:a, :b]
-        table = np.zeros((height + 1, width + 1))
-        np.cumsum(np.cumsum(d, axis=0), axis=1, out=table[1:, 1:])
-        i = np.arange(1, i_max + 1)
-        y0, y1, x0, x1 = cy - i, cy + i + 1, cx - i, cx + i + 1
-        sums = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-        fractions = sums / total
+        # the square of half-side i holds exactly the pixels at Chebyshev distance ≤ i from the centre
+        shells = np.bincount(_chebyshev(height, width, cy, cx), weights=d.ravel())
+        fractions = np.cumsum(shells)[1: i_max + 1] / total
     out = []
     for t in thresholds:
         t = float(t)
@@ -143,6 +140,16 @@ def area_ratio(image, thresholds=AREA_THRESHOLDS, *, centre: tuple[float, float]
         out.append(AreaRatio(t, side, (side / height) * (side / width), float(fractions[hits[0]]), (cy, cx),
                              transform))
     return tuple(out)
+
+
+@lru_cache(maxsize=4)
+def _chebyshev(height: int, width: int, cy: int, cx: int) -> np.ndarray:
+    """max(|y − cy|, |x − cx|) for every pixel, flattened (read-only, cached: the bootstrap reuses it)."""
+    dy = np.abs(np.arange(height) - cy)
+    dx = np.abs(np.arange(width) - cx)
+    out = np.maximum(dy[:, None], dx[None, :]).ravel()
+    out.flags.writeable = False
+    return out
 
 
 def rank_area(image, thresholds=(0.5,), *, floor: float = 0.0) -> tuple[float, ...]:

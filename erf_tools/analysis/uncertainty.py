@@ -207,7 +207,11 @@ def convergence_curve(per_image_maps, *, tolerance: float = 0.05, n_orders: int 
     distances = np.empty((max(1, int(n_orders)), points.size))
     for k in range(distances.shape[0]):
         order = rng.permutation(n)
-        running = np.cumsum(flat[order], axis=0)[points - 1]
+        running = np.empty((points.size, flat.shape[1]))
+        total, done = np.zeros(flat.shape[1]), 0
+        for j, upto in enumerate(points):  # running sums at the sampled n only (no N×P cumulative array)
+            total += flat[order[done:upto]].sum(axis=0)
+            running[j], done = total, upto
         distances[k] = _hellinger_rows(running, final)
     mean = distances.mean(axis=0)
     spread = distances.std(axis=0)
