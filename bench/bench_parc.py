@@ -135,7 +135,9 @@ def main() -> None:
         f"{args.clock} clock, min of {args.repeats} blocks"
     )
     print(f"FFT_MIN_LENGTH in the code now: {FFT_MIN_LENGTH}\n")
-    header = "| kind | C | L | spatial fwd ms | FFT fwd ms | spatial fwd+grad ms | FFT fwd+grad ms | faster (fwd+grad) |"
+    header = (
+        "| kind | C | L | spatial fwd ms | FFT fwd ms | spatial fwd+grad ms | FFT fwd+grad ms | faster (fwd+grad) |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     suggested = {}

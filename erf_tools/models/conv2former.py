@@ -316,7 +316,7 @@ default_cfgs = generate_default_cfgs(
         "conv2former_s.in22k_ft_in1k": _cfg(notes=("top-1 84.9 (README)",)),
         "conv2former_b.in1k": _cfg(notes=("top-1 84.4 (README)",)),
         "conv2former_b.in22k_ft_in1k": _cfg(notes=("top-1 86.2 (README)", "official 22k factory uses kernel_size=7")),
-        "conv2former_b.in22k_ft_in1k_384": _cfg_384(notes=("top-1 87.0 (README)", "kernel may be 7, see infer_kernel_size")),
+        "conv2former_b.in22k_ft_in1k_384": _cfg_384(notes=("top-1 87.0 (README)", "kernel may be 7: infer_kernel_size")),
         "conv2former_l.in22k_ft_in1k": _cfg(notes=("top-1 87.0 (README)",)),
         "conv2former_l.in22k_ft_in1k_384": _cfg_384(notes=("top-1 87.7 (README)",)),
     }

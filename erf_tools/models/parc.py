@@ -57,7 +57,7 @@ Direction = Literal["H", "W"]
 #: Measured with ``bench/bench_parc.py --clock cpu`` on the 2-core CPU (bench/RESULTS.md, "ParC spatial vs FFT
 #: crossover (CPU)"): for forward + input gradient (the ERF workload) FFT wins at every measured L >= 16 for the
 #: depthwise pairs (C = 96, 192, 384) and at every L >= 12 for the dense ones (C = 128, 256); below that the two
-#: are within ~10 % (depthwise) or spatial wins (dense, up to 2x at L = 7). So the native 224 maps (L = 14, 7) keep
+#: are within about 10-20 % (depthwise) or spatial wins (dense, up to 2x at L = 7). So the native 224 maps (L = 14, 7) keep
 #: the official spatial arithmetic in ParC-ConvNeXt, and the 1024 maps (L = 64, 32) take the FFT path everywhere.
 FFT_MIN_LENGTH: dict[str, int] = {"depthwise": 16, "dense": 12}
 
@@ -92,8 +92,8 @@ class CircularCorrelationFFT(torch.autograd.Function):
 
     Forward ``y = irfft(rfft(x) · conj(rfft(w)), n=L)``, ``w`` of shape (C_out, C_in/groups, L). The backward uses
     the adjoint directly (a circular *convolution* with the same kernel, ``irfft(rfft(g) · rfft(w))``), and for the
-    kernel ``irfft(Σ conj(rfft(g)) · rfft(x))``; generic autograd through ``rfft``/``irfft`` costs about twice as
-    much here because it materialises full complex spectra. Depthwise when ``w`` has one input channel per group
+    kernel ``irfft(Σ conj(rfft(g)) · rfft(x))``; generic autograd through ``rfft``/``irfft`` is up to ~1.7x slower
+    here (bench/RESULTS.md) because it materialises full complex spectra. Depthwise when ``w`` has one input channel per group
     and C_out = C_in; dense otherwise.
     """
 
@@ -136,6 +136,10 @@ class ParC(nn.Module):
     ``gcc_conv.{weight,bias}`` with kernel (K, 1) / (1, K). ``groups=channels`` gives the depthwise ParC of
     ParC-ConvNeXt, ``groups=1`` the dense ParC of ParC-ResNet50. ``path`` selects the implementation: ``'spatial'``
     (official wrap-and-convolve), ``'fft'`` (Fast-ParC) or ``'auto'`` (by :data:`FFT_MIN_LENGTH`).
+
+    ``gcc_conv`` only holds the parameters under their official names; it is never called as a module (its input
+    would be the wrapped 2L-1 map and its kernel the interpolated one), so hooks that trace convolution geometry,
+    such as the engine's receptive-field-centre log, see no centred conv here: ParC has no RF centre along its axis.
     """
 
     def __init__(
@@ -149,7 +153,7 @@ class ParC(nn.Module):
     ) -> None:
         super().__init__()
         if direction not in ("H", "W"):
-            raise ValueError(f"ParC direction must be 'H' (along the height) or 'W' (along the width), got {direction!r}")
+            raise ValueError(f"direction must be 'H' (along the height) or 'W' (along the width), not {direction!r}")
         groups = channels if groups is None else groups
         if groups not in (1, channels):
             raise ValueError(f"ParC is depthwise (groups={channels}) or dense (groups=1), got groups={groups}")
@@ -559,7 +563,8 @@ class ParCResNet(nn.Module):
         self.feature_info = []
         for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers)):
             parc_from = parc_insert_locs[i] if i >= 2 else depth
-            layer = self._make_layer(planes, depth, 1 if i == 0 else 2, parc_from, PARC_RESNET_STAGE_SIZES[i], parc_path)
+            stride = 1 if i == 0 else 2
+            layer = self._make_layer(planes, depth, stride, parc_from, PARC_RESNET_STAGE_SIZES[i], parc_path)
             self.add_module(f"layer{i + 1}", layer)
             self.feature_info.append(dict(num_chs=planes * 4, reduction=4 * 2**i, module=f"layer{i + 1}"))
         self.num_features = self.head_hidden_size = 512 * Bottleneck.expansion
@@ -753,7 +758,7 @@ default_cfgs = generate_default_cfgs(
         "parc_resnet50.in1k": _cfg(
             first_conv="conv1",
             classifier="fc",
-            notes=("ImageNet-1k top-1 79.6 (README, ConvNeXt recipe); no public weights", "official factory parc_res50"),
+            notes=("ImageNet-1k top-1 79.6 (README, ConvNeXt recipe); no public weights", "official: parc_res50"),
         ),
     }
 )
