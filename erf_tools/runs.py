@@ -217,11 +217,11 @@ def _analyze(result: ERFResult, bootstrap: int | None) -> Any:
     return analyze(result, bootstrap=bootstrap)
 
 
-def _write_outputs(result: ERFResult, report: Any, stem: Path, formats: Sequence[str], scale: str) -> list[Path]:
+def _write_report_and_heatmap(result: ERFResult, report: Any, stem: Path, formats: Sequence[str], scale: str
+                              ) -> list[Path]:
     from erf_tools.plotting import erf_figure, save_figure
 
-    written = list(save_result(result, stem))
-    written.append(save_report(report, stem.with_name(stem.name + ".report.json")))
+    written = [save_report(report, stem.with_name(stem.name + ".report.json"))]
     written += save_figure(erf_figure(result, report, scale=scale), stem, formats)
     return written
 
@@ -301,11 +301,14 @@ def run_measure(
         raise MeasurementInterrupted(partial if partial.is_file() else None, done["images"]) from exc
     results = measured if isinstance(measured, list) else [measured]
     run = MeasureRun(settings=settings, results=results, reports=[])
-    for index, result in enumerate(results):
+    stems = [out / output_stem(settings.model, settings.targets[i] if settings.targets else None)
+             for i in range(len(results))]
+    for result, stem in zip(results, stems):  # saved before the analysis, so an interrupted analysis loses nothing
+        run.files[stem.name] = list(save_result(result, stem))
+    for result, stem in zip(results, stems):
         report = _analyze(result, bootstrap)
         run.reports.append(report)
-        stem = out / output_stem(settings.model, settings.targets[index] if settings.targets else None)
-        run.files[stem.name] = _write_outputs(result, report, stem, formats, scale)
+        run.files[stem.name] += _write_report_and_heatmap(result, report, stem, formats, scale)
     run.seconds = time.perf_counter() - started
     return run
 
@@ -414,6 +417,7 @@ def run_compare(
     measured: list[MeasureRun] = []
     stage_rows: dict[str, list[ERFResult]] = {}
     main: list[ERFResult] = []
+    targets = measure_options.pop("targets", None)
     for source in sources:
         if isinstance(source, ERFResult):
             loaded.append(source)
@@ -421,9 +425,9 @@ def run_compare(
             loaded.append(load_result(source))
         else:
             model = str(source)
-            targets = stage_targets(model) if stages else measure_options.pop("targets", None)
             callback = None if progress is None else (lambda d, t, m=model: progress(m, d, t))
-            run = run_measure(model, out=out, targets=targets, progress=callback, bootstrap=bootstrap,
+            run = run_measure(model, out=out, targets=stage_targets(model) if stages else targets,
+                              progress=callback, bootstrap=bootstrap,
                               formats=formats, **measure_options)
             measured.append(run)
             if stages:
