@@ -255,9 +255,12 @@ def _draw_ellipses(ax: Axes, ellipse: _Ellipse, *, colour: str = "white", label:
             alpha=0.9,
         ))
     if label:
-        note = "" if ellipse.ok else " (fit flagged)"
-        ax.text(0.02, 0.02, f"Gaussian fit 1/2/3σ{note}\nσ = {ellipse.sigma_major:.1f} / {ellipse.sigma_minor:.1f} px",
-                transform=ax.transAxes, color=colour, fontsize=6, va="bottom", ha="left", bbox=_LABEL_BOX)
+        if ellipse.ok:
+            text = f"Gaussian fit 1/2/3σ\nσ = {ellipse.sigma_major:.1f} / {ellipse.sigma_minor:.1f} px"
+        else:  # agd-metrics.md §1.1: never report σ of a flagged fit as an ERF size
+            text = "Gaussian fit flagged (dashed):\nσ is not an ERF size"
+        ax.text(0.02, 0.02, text, transform=ax.transAxes, color=colour, fontsize=6, va="bottom", ha="left",
+                bbox=_LABEL_BOX)
 
 
 def _draw_squares(ax: Axes, squares: Sequence[_Square], shape: tuple[int, int]) -> None:
@@ -489,8 +492,10 @@ def radial_profiles(
         lines.append(line)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("radius from the receptive-field centre (px)" if centre == "rf" else "radius from the canvas centre (px)")
-    ax.set_ylabel({"peak": "ring mean / max ring mean", "sum": "ring mean of ERF / sum", "none": "ring mean"}[normalise])
+    where = "the receptive-field centre" if centre == "rf" else "the canvas centre"
+    ax.set_xlabel(f"radius from {where} (px)")
+    ax.set_ylabel({"peak": "ring mean / max ring mean", "sum": "ring mean of ERF / sum",
+                   "none": "ring mean"}[normalise])
     ax.grid(True, which="major", linewidth=0.4, alpha=0.5)
     ax.legend(fontsize=7, frameon=False)
     return lines

@@ -1,6 +1,6 @@
-"""Make the figures/ gallery: five backbones' ERFs on one colour scale, radial profiles, AGD scores, UniConvNet-T stages.
+"""Make the figures/ gallery: five backbones' ERFs on one scale, radial profiles, AGD scores, UniConvNet-T stages.
 
-    .venv/bin/python figures/make_gallery.py            # about 10-25 min on 2 CPU cores (see figures/README.md)
+    .venv/bin/python figures/make_gallery.py    # 19 min on the shared 2-core machine, 355 CPU-s (figures/README.md)
 
 All models use the all-branches-active random init (``weights="active"``, seed 0): an architecture probe, not
 trained networks (see figures/README.md for what that does and does not mean). Measured results are kept in
@@ -87,17 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     written = []
     written += plotting.save_figure(plotting.compare_figure(
-        results, reports, scale="log", contours=True, title="ERFs of five backbones, log scale, fitted Gaussian 1/2/3σ"),
-        out / "compare_log")
+        results, reports, scale="log", contours=True,
+        title="ERFs of five backbones, log scale, fitted Gaussian 1/2/3σ"), out / "compare_log")
     written += plotting.save_figure(plotting.compare_figure(
-        results, reports, scale="linear", squares=True, title="ERFs of five backbones, linear scale, r(t) squares"),
-        out / "compare_linear")
+        results, reports, scale="linear", squares=True,
+        title="ERFs of five backbones, linear scale, r(t) squares"), out / "compare_linear")
     written += plotting.save_figure(plotting.radial_profile_figure(results), out / "radial_profiles")
     stage_results = measured[STAGE_MODEL]
     for result in stage_results:
         result.model = labels[STAGE_MODEL]
     written += plotting.save_figure(plotting.stage_grid(
-        {labels[STAGE_MODEL]: stage_results}, title="UniConvNet-T: ERF growth across stages"), out / "uniconvnet_t_stages")
+        {labels[STAGE_MODEL]: stage_results}, title="UniConvNet-T: ERF growth across stages"),
+        out / "uniconvnet_t_stages")
     rows = runs.scores_table(reports, results)
     written.append(runs.write_table(rows, out / "scores.md"))
     written.append(runs.write_table(rows, out / "scores.csv"))
