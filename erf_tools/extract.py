@@ -8,7 +8,11 @@ gradients are computed. Accumulators are float64.
 """
 from __future__ import annotations
 
+import copy
+import math
 import platform
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -70,46 +74,169 @@ def block_sum(maps: np.ndarray, factor: int) -> np.ndarray:
     return maps.reshape(n, h, factor, w, factor).sum(axis=(2, 4))
 
 
+#: Exponent grid of :class:`ExactSum`: bucket j holds multiples of 2**(_LOWEST_EXPONENT + _BUCKET_BITS * j).
+_BUCKET_BITS = 30
+_LOWEST_EXPONENT = -150  # below float32's smallest subnormal, 2**-149
+_NUM_BUCKETS = 10  # the top bucket, 2**120, covers float32's largest value (< 2**128)
+#: Additions one bucket can take and stay exact: 30-bit parts in a 53-bit float64 mantissa.
+MAX_EXACT_ADDITIONS = 2 ** (53 - _BUCKET_BITS)
+
+
+class ExactSum:
+    """The exact sum of float32 maps, whatever the order or grouping of the additions.
+
+    Why: a float64 running sum rounds differently when the same maps arrive in another order, so a run split over
+    processes (:mod:`erf_tools.distributed`), a resumed run or a different batch grouping would differ in the last
+    bits from a single uninterrupted run. Here every value is cut along a fixed exponent grid into parts that are
+    multiples of 2**e_j and smaller than 2**(e_j + 30); each bucket j sums only such parts, which float64 does
+    exactly for up to 2**23 maps. Buckets therefore hold exact integers (times 2**e_j), any order of additions and
+    merges gives the same buckets, and :meth:`value` (buckets added from the smallest up) is a deterministic
+    function of the exact sum. Inputs of more than 24 significant bits (float64) keep their bits down to 2**-150.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.buckets: dict[int, torch.Tensor] = {}
+        self.additions = 0
+
+    def _bucket_add(self, index: int, values: torch.Tensor) -> None:
+        if index in self.buckets:
+            self.buckets[index] += values.to(self.buckets[index].device)
+        else:
+            self.buckets[index] = values.clone()
+
+    def add(self, maps: torch.Tensor) -> None:
+        """Add Σ_n maps[n] for an n×H×W tensor (any device; the buckets stay on the device of the first add)."""
+        count = int(maps.shape[0])
+        if count == 0:
+            return
+        if self.additions + count > MAX_EXACT_ADDITIONS:
+            raise OverflowError(f"ExactSum is exact for at most {MAX_EXACT_ADDITIONS} maps")
+        rest = maps.detach().to(torch.float64)
+        self.additions += count
+        peak = float(rest.abs().max())
+        if peak == 0.0:
+            return
+        if not math.isfinite(peak):
+            raise ValueError("ExactSum takes finite values only (filter NaN/Inf first)")
+        top_exponent = math.frexp(peak)[1] - 1  # peak lies in [2**top, 2**(top+1))
+        index = min((top_exponent - _LOWEST_EXPONENT) // _BUCKET_BITS, _NUM_BUCKETS - 1)
+        while index > 0:
+            scale = 2.0 ** (_LOWEST_EXPONENT + _BUCKET_BITS * index)
+            part = torch.trunc(rest / scale) * scale  # exact: power-of-two scaling and truncation
+            self._bucket_add(index, part.sum(dim=0))
+            rest = rest - part  # exact: |rest| < scale from here on
+            index -= 1
+            if not bool(rest.any()):
+                return
+        self._bucket_add(0, rest.sum(dim=0))
+
+    def merge(self, other: ExactSum) -> None:
+        if other.shape != self.shape:
+            raise ValueError(f"cannot merge sums of shape {other.shape} into {self.shape}")
+        if self.additions + other.additions > MAX_EXACT_ADDITIONS:
+            raise OverflowError(f"ExactSum is exact for at most {MAX_EXACT_ADDITIONS} maps")
+        for index, values in other.buckets.items():
+            self._bucket_add(index, values)
+        self.additions += other.additions
+
+    def value(self) -> np.ndarray:
+        """The sum as float64 (buckets added in a fixed order, so equal buckets give bit-identical values)."""
+        total = np.zeros(self.shape, dtype=np.float64)
+        for index in sorted(self.buckets):
+            total += self.buckets[index].detach().to("cpu", torch.float64).numpy()
+        return total
+
+    def state(self) -> dict[str, np.ndarray]:
+        indices = sorted(self.buckets)
+        stacked = (np.stack([self.buckets[i].detach().cpu().numpy() for i in indices]) if indices
+                   else np.zeros((0, *self.shape), dtype=np.float64))
+        return {"bucket_index": np.array(indices, dtype=np.int64), "buckets": stacked,
+                "additions": np.array(self.additions, dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, shape: Sequence[int], state: dict[str, np.ndarray]) -> ExactSum:
+        result = cls(shape)
+        for index, values in zip(state["bucket_index"].tolist(), state["buckets"]):
+            result.buckets[int(index)] = torch.from_numpy(np.array(values, dtype=np.float64))
+        result.additions = int(state["additions"])
+        return result
+
+
+def _block_sum_torch(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """:func:`block_sum` on the maps' device, in float64."""
+    maps = maps.to(torch.float64)
+    if factor == 1:
+        return maps
+    n, height, width = maps.shape
+    pad_h, pad_w = -height % factor, -width % factor
+    if pad_h or pad_w:
+        maps = torch.nn.functional.pad(maps, (0, pad_w, 0, pad_h))
+    h, w = maps.shape[1] // factor, maps.shape[2] // factor
+    return maps.reshape(n, h, factor, w, factor).sum(dim=(2, 4))
+
+
 @dataclass
 class ERFAccumulator:
-    """Running float64 sum of valid per-image maps of one target, with the bookkeeping a result needs."""
+    """Exact running sum (:class:`ExactSum`) of valid per-image maps of one target, with the bookkeeping a result
+    needs. ``total`` is the float64 value of the sum."""
 
     shape: tuple[int, int]
     per_image_downsample: int = 1
     keep_per_image: bool = True
-    total: np.ndarray = field(init=False)
     count: int = 0
     image_ids: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     per_image: list[np.ndarray] = field(default_factory=list)
+    #: images seen (valid or not), and the position in that sequence of each valid / rejected image: lets the
+    #: shards of a distributed run be put back in the order a single process would have seen the images
+    processed: int = 0
+    positions: list[int] = field(default_factory=list)
+    rejected_positions: list[int] = field(default_factory=list)
+    sums: ExactSum = field(init=False)
 
     def __post_init__(self) -> None:
-        self.total = np.zeros(self.shape, dtype=np.float64)
+        self.sums = ExactSum(self.shape)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.sums.value()
+
+    @total.setter
+    def total(self, value: np.ndarray) -> None:
+        self.sums = ExactSum(self.shape)
+        self.sums.add(torch.as_tensor(np.asarray(value, dtype=np.float64))[None])
 
     def add(self, maps: torch.Tensor, ids: Sequence[str]) -> None:
         """Add a batch of per-image maps; images with any NaN/Inf are counted as rejected, not added."""
-        maps64 = maps.detach().to("cpu", torch.float64).numpy()
-        finite = np.isfinite(maps64).reshape(len(ids), -1).all(axis=1)
-        for image_id, ok in zip(ids, finite):
+        maps = maps.detach()
+        finite = torch.isfinite(maps).reshape(len(ids), -1).all(dim=1)
+        flags = finite.cpu().tolist()
+        for offset, (image_id, ok) in enumerate(zip(ids, flags)):
             (self.image_ids if ok else self.rejected).append(image_id)
-        valid = maps64[finite]
-        self.count += int(finite.sum())
-        for single in valid:  # in order, so a batched run sums exactly like one image at a time
-            self.total += single
+            (self.positions if ok else self.rejected_positions).append(self.processed + offset)
+        self.processed += len(ids)
+        valid = maps if all(flags) else maps[finite]
+        self.count += int(sum(flags))
+        self.sums.add(valid)
         if self.keep_per_image and len(valid):
-            self.per_image.append(block_sum(valid, self.per_image_downsample).astype(np.float32))
+            self.per_image.append(
+                _block_sum_torch(valid, self.per_image_downsample).to("cpu", torch.float32).numpy())
 
     def merge(self, other: ERFAccumulator) -> None:
-        """Fold another accumulator of the same target in (shards of a distributed run, resumed runs)."""
-        self.total += other.total
+        """Fold another accumulator of the same target in (shards of a distributed run, resumed runs): exact."""
+        self.sums.merge(other.sums)
         self.count += other.count
         self.image_ids += other.image_ids
         self.rejected += other.rejected
         self.per_image += other.per_image
+        self.positions += [self.processed + p for p in other.positions]
+        self.rejected_positions += [self.processed + p for p in other.rejected_positions]
+        self.processed += other.processed
 
     def finalize(self, options: ERFOptions) -> np.ndarray:
         """The protocol's map: mean or sum over valid images, then the normalisation."""
-        result = self.total.copy()
+        result = self.total
         if options.image_reduction == "mean" and self.count:
             result /= self.count
         if options.normalisation == "sum":
@@ -129,7 +256,8 @@ class ERFAccumulator:
         return np.concatenate(self.per_image, axis=0)
 
     def state(self) -> dict[str, np.ndarray]:
-        """Arrays to checkpoint the accumulator (see :func:`save_partial`)."""
+        """Arrays to checkpoint the accumulator (see :func:`save_partial`); the exact sum is kept bucket by bucket,
+        so a resumed run ends with the same bits as an uninterrupted one."""
         per_image = self.per_image_array()
         return {
             "total": self.total,
@@ -137,15 +265,29 @@ class ERFAccumulator:
             "image_ids": np.array(self.image_ids, dtype=str),
             "rejected": np.array(self.rejected, dtype=str),
             "per_image": per_image if per_image is not None else np.zeros((0, 0, 0), np.float32),
-        }
+            "processed": np.array(self.processed),
+            "positions": np.array(self.positions, dtype=np.int64),
+            "rejected_positions": np.array(self.rejected_positions, dtype=np.int64),
+        } | {f"sum.{k}": v for k, v in self.sums.state().items()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.total = np.array(state["total"], dtype=np.float64)
+        if "sum.buckets" in state:
+            self.sums = ExactSum.from_state(self.shape, {k[4:]: v for k, v in state.items() if k.startswith("sum.")})
+        else:  # a checkpoint written before the exact sum: its float64 total
+            self.total = state["total"]
         self.count = int(state["count"])
         self.image_ids = [str(s) for s in state["image_ids"]]
         self.rejected = [str(s) for s in state["rejected"]]
         per_image = state["per_image"]
         self.per_image = [per_image] if self.keep_per_image and per_image.size else []
+        if "positions" in state:
+            self.processed = int(state["processed"])
+            self.positions = [int(p) for p in state["positions"]]
+            self.rejected_positions = [int(p) for p in state["rejected_positions"]]
+        else:  # older checkpoint: order of valid and rejected images unknown, valid ones first
+            self.processed = self.count + len(self.rejected)
+            self.positions = list(range(self.count))
+            self.rejected_positions = list(range(self.count, self.processed))
 
 
 @dataclass
@@ -190,12 +332,257 @@ def _batches(stream: Iterator[tuple[str, torch.Tensor]], batch_size: int) -> Ite
     ids, tensors = [], []
     for image_id, tensor in stream:
         ids.append(image_id)
-        tensors.append(tensor)
+        tensors.append(tensor() if callable(tensor) else tensor)  # lazily preprocessed items (see _input_stream)
         if len(ids) == batch_size:
             yield ids, torch.stack(tensors)
             ids, tensors = [], []
     if ids:
         yield ids, torch.stack(tensors)
+
+
+_END = object()
+
+
+class _Prefetcher:
+    """Decodes and preprocesses the next batches in a background thread while the device computes.
+
+    Why: on a GPU the ERF pass of a batch takes milliseconds, less than decoding and bicubically resizing its
+    images to 1024×1024 on one CPU core, so without overlap the accelerator waits on PIL. PIL and torch release
+    the GIL for that work. On CUDA the batches are also pinned, so the copy to the device can be asynchronous.
+    """
+
+    def __init__(self, batches: Iterator, depth: int = 2, pin_memory: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pin = pin_memory
+        self._thread = threading.Thread(target=self._run, args=(batches,), daemon=True, name="erf-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, batches: Iterator) -> None:
+        try:
+            for ids, batch in batches:
+                if self._pin:
+                    batch = batch.pin_memory()
+                if not self._put((ids, batch)):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread and re-raised there
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[tuple[list, torch.Tensor]]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# --- fast paths: exact transformations of a private copy of the model -----------------------------------------
+
+
+def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+def _meta_call(model: nn.Module, example: torch.Tensor) -> None:
+    """One forward of ``model`` with meta parameters and input: module hooks fire, nothing is computed."""
+    state = {name: torch.empty_like(t, device="meta") for name, t in
+             list(model.named_parameters()) + list(model.named_buffers())}
+    torch.func.functional_call(model, state, (torch.empty_like(example, device="meta"),), strict=False)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, exclude: Sequence[str] = ()) -> list[str]:
+    """Fold every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that feeds it, in place; return the folded BNs.
+
+    Why: in eval mode BN is a per-channel affine map, so ``bn(conv(x))`` is one convolution with rescaled weights
+    and a bias, and the ERF (an input gradient) is unchanged up to float rounding. On CPUs the BN forward and
+    backward are memory-bound passes over every activation: ~10 % of a ResNet-50 ERF pass (``bench/RESULTS.md``).
+
+    Safety: a pair is folded only if a probe forward (on the meta device, or on ``example`` if the model cannot run
+    there) shows that the BN's input *is* the conv's output, that no other operator reads that output, and that
+    each module runs once. Only exact ``nn.Conv2d``/``nn.BatchNorm2d`` types are folded (subclasses such as
+    weight-standardised convs or BN+activation layers compute something else), and convs named in ``exclude``
+    (targets: their output would change) are left alone. Folded BNs become ``nn.Identity`` under the same name.
+    """
+    from torch.nn.utils import parametrize
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    convs = {m: n for n, m in model.named_modules() if type(m) is nn.Conv2d and n not in exclude
+             and not parametrize.is_parametrized(m)}
+    norms = {m: n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d and m.running_mean is not None
+             and m.running_var is not None}
+    if not convs or not norms:
+        return []
+    produced: dict[int, nn.Module] = {}
+    consumed: dict[nn.Module, int] = {}
+    calls: dict[nn.Module, int] = {}
+    uses: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # keeps probe tensors alive so that their ids are not reused
+
+    def after_conv(module, args, output):
+        calls[module] = calls.get(module, 0) + 1
+        produced[id(output)] = module
+        alive.append(output)
+
+    def before_norm(module, args):
+        calls[module] = calls.get(module, 0) + 1
+        consumed[module] = id(args[0])
+        alive.append(args[0])
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for value in tree_flatten((args, kwargs or {}))[0]:
+                # only conv outputs (kept alive, so their ids are unique) are counted: a freed temporary's id
+                # can be reused by a later tensor
+                if isinstance(value, torch.Tensor) and id(value) in produced:
+                    uses[id(value)] = uses.get(id(value), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    handles = [m.register_forward_hook(after_conv) for m in convs] + \
+              [m.register_forward_pre_hook(before_norm) for m in norms]
+    try:
+        for attempt in ("meta", "real"):
+            produced.clear(), consumed.clear(), calls.clear(), uses.clear(), alive.clear()
+            try:
+                with torch.no_grad(), CountReads():
+                    if attempt == "meta":
+                        _meta_call(model, example)
+                    else:
+                        model(example)
+                break
+            except Exception:  # noqa: BLE001 - models that create tensors on a fixed device cannot run on meta
+                if attempt == "real":
+                    raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    folded = []
+    for norm, name in norms.items():
+        conv = produced.get(consumed.get(norm, -1))
+        if conv is None or calls.get(conv) != 1 or calls.get(norm) != 1 or uses.get(consumed[norm]) != 1:
+            continue
+        if conv.out_channels != norm.num_features:
+            continue
+        with torch.no_grad():
+            scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+            bias = -norm.running_mean.double() * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias.double() * scale
+            if norm.bias is not None:
+                bias = bias + norm.bias.double()
+            weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+            conv.weight.data = weight.to(conv.weight.dtype).contiguous()
+            if conv.bias is None:
+                conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+            else:
+                conv.bias.data = bias.to(conv.bias.dtype)
+        parent, child = _parent_and_name(model, name)
+        setattr(parent, child, nn.Identity())
+        folded.append(name)
+    return folded
+
+
+def _fft_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``Conv2d.forward`` of an FFT-computed depthwise conv (see :func:`use_fft_depthwise`)."""
+    from erf_tools.models.replknet import fft_depthwise_conv2d
+
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, enabled=False):  # no reduced-precision FFTs on CPUs; fp32 spectra
+        out = fft_depthwise_conv2d(x.float().contiguous(), self.weight.float(),
+                                   None if self.bias is None else self.bias.float())
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.to(x.dtype)
+
+
+def use_fft_depthwise(model: nn.Module, min_kernel_size: int, *, exclude: Sequence[str] = ()) -> list[str]:
+    """Compute stride-1, 'same'-padded depthwise convolutions with kernels of at least ``min_kernel_size`` through
+    FFTs, in place (an instance-level ``forward``; module names and hooks are unchanged); return their names.
+
+    Why: a direct K×K depthwise conv costs O(K²) per output pixel and its CPU backward kernels are slow for large K;
+    through FFTs the cost is O(log HW) per pixel whatever K, which pays for RepLKNet's 27–31 px kernels
+    (``bench/RESULTS.md``) and not for 7–13 px ones. The result is the same to float32 rounding.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Conv2d or name in exclude:
+            continue
+        kh, kw = module.kernel_size
+        padding = module.padding if module.padding != "same" else (kh // 2, kw // 2)
+        if (module.groups == module.in_channels == module.out_channels and tuple(module.stride) == (1, 1)
+                and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros" and kh % 2 and kw % 2
+                and tuple(padding) == (kh // 2, kw // 2) and max(kh, kw) >= min_kernel_size):
+            module.forward = _fft_conv_forward.__get__(module, nn.Conv2d)
+            changed.append(name)
+    return changed
+
+
+def prepare_model(
+    model: nn.Module,
+    targets: Sequence[Target],
+    input_hw: tuple[int, int],
+    *,
+    reparameterize: bool = False,
+    fold_bn: bool = False,
+    fft_depthwise: int | None = None,
+    channels_last: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The module to measure: ``model`` itself, or a transformed private copy when a fast path is asked for.
+
+    The caller's module is never modified. All transformations are exact in real arithmetic (the ERF differs by
+    float rounding only): ``reparameterize`` calls ``structural_reparam()`` (RepLKNet-style models: large + small
+    kernel and BN merged into one conv), ``fold_bn`` folds eval BNs into convs (:func:`fold_batchnorm`),
+    ``fft_depthwise`` switches large depthwise convs to FFTs (:func:`use_fft_depthwise`), ``channels_last``
+    stores the weights NHWC (faster oneDNN/cuDNN kernels). Returns the module and a record of what was done.
+    """
+    info: dict[str, Any] = {}
+    can_reparameterize = callable(getattr(model, "structural_reparam", None))
+    if reparameterize and not can_reparameterize:
+        warnings.warn(f"{type(model).__name__} has no structural_reparam(); measured without re-parameterisation",
+                      stacklevel=3)
+    if channels_last and all(t.is_contiguous(memory_format=torch.channels_last)
+                             for t in list(model.parameters()) + list(model.buffers()) if t.dim() == 4):
+        channels_last = False  # already NHWC: nothing to convert
+    if not ((reparameterize and can_reparameterize) or fold_bn or fft_depthwise or channels_last):
+        return model, info
+    work = copy.deepcopy(model)
+    names = [t.module_name for t in targets]
+    if reparameterize and can_reparameterize:
+        work.structural_reparam()
+        info["reparameterized"] = True
+        present = dict(work.named_modules())
+        lost = [n for n in names if n not in present]
+        if lost:
+            raise ValueError(f"re-parameterisation removes the target module(s) {lost}; measure them without "
+                             "reparameterize=True")
+    if fold_bn:
+        example = torch.zeros(1, 3, *input_hw, device=_module_device(work))
+        with _frozen_eval(work):
+            info["folded_batchnorms"] = len(fold_batchnorm(work, example, exclude=names))
+    if fft_depthwise:
+        info["fft_depthwise_convs"] = len(use_fft_depthwise(work, int(fft_depthwise), exclude=names))
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)
+    return work, info
 
 
 class _Engine:
@@ -215,6 +602,46 @@ class _Engine:
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _input_layers_in_fp32(self, x: torch.Tensor):
+        """Under reduced precision, run the convolutions that read the input itself (the stem) in float32.
+
+        Why: the last step of the backward pass, through the stem, produces the input gradient, and the protocols
+        reduce it over RGB with cancellation (Kim et al. average the signed gradient before the clamp), so the
+        bf16 rounding of that step is what the maps feel most. In float32 the stem costs a few percent of the pass
+        and removes about half of the bf16 map error (``bench/RESULTS.md``).
+        """
+        if self.precision == "fp32":
+            return nullcontext()
+        device_type = self.device.type
+        states: list[bool] = []
+
+        def before(module, args):
+            if args and args[0] is x:
+                states.append(torch.is_autocast_enabled(device_type))
+                torch.set_autocast_enabled(device_type, False)
+                module._erf_fp32_stem = True
+
+        def after(module, args, output):
+            if getattr(module, "_erf_fp32_stem", False):
+                del module._erf_fp32_stem
+                torch.set_autocast_enabled(device_type, states.pop())
+
+        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        handles = [m.register_forward_pre_hook(before) for m in convs] + \
+                  [m.register_forward_hook(after, always_call=True) for m in convs]
+
+        @contextmanager
+        def scope():
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+                while states:  # a forward that stopped inside the stem
+                    torch.set_autocast_enabled(device_type, states.pop())
+
+        return scope()
 
     def process(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample maps (B×H×W, float32) of every target for one batch; splits the batch on out-of-memory."""
@@ -241,7 +668,7 @@ class _Engine:
             if log is not None:
                 capture.on_capture = log.mark
             try:
-                with torch.enable_grad(), self._autocast():
+                with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(x):
                     outputs = capture.run(x)
             finally:
                 if log is not None:
@@ -278,9 +705,9 @@ class _Engine:
         return geometry
 
 
-def _fingerprint(model_name, targets, options, input_hw, source_description) -> dict[str, Any]:
+def _fingerprint(model_name, targets, options, input_hw, source_description, precision="fp32") -> dict[str, Any]:
     return {"model": model_name, "targets": [t.module_name for t in targets], "options": options.to_dict(),
-            "input_size": list(input_hw), "source": source_description}
+            "input_size": list(input_hw), "source": source_description, "precision": precision}
 
 
 def save_partial(path: Path, accumulators: dict[str, ERFAccumulator], processed: int, fingerprint: dict) -> None:
@@ -301,12 +728,48 @@ def load_partial(path: Path, accumulators: dict[str, ERFAccumulator], fingerprin
         saved = json.loads(str(data["fingerprint"]))
         if saved != json.loads(json.dumps(fingerprint, sort_keys=True)):
             raise ValueError(
-                f"the partial result {str(path)!r} was made with other settings (model, targets, options, size or "
-                "images) and cannot be resumed; delete it or run without --resume"
+                f"the partial result {str(path)!r} was made with other settings (model, targets, options, size, "
+                "images or precision) and cannot be resumed; delete it or run without --resume"
             )
         for index, accumulator in enumerate(accumulators.values()):
             accumulator.load_state({k.split(".", 1)[1]: data[k] for k in data.files if k.startswith(f"t{index}.")})
         return int(data["processed"])
+
+
+@dataclass
+class Measurement:
+    """Accumulators and context of one (possibly sharded) measurement, before they become :class:`ERFResult`\\ s.
+
+    :func:`measure_erf` turns it into results at once; :mod:`erf_tools.distributed` first merges the accumulators
+    of every rank.
+    """
+
+    accumulators: dict[str, ERFAccumulator]
+    geometry: dict[str, _TargetGeometry] | None
+    targets: list[Target]
+    model_name: str
+    protocol: str
+    options: ERFOptions
+    weights_info: WeightsInfo
+    source_description: dict[str, Any]
+    preprocess: Preprocessing | None
+    input_hw: tuple[int, int]
+    seed: int
+    shard: tuple[int, int]
+    done: int
+    elapsed: float
+    engine: dict[str, Any]
+    partial_path: Path | None = None
+
+    def results(self) -> list[ERFResult]:
+        if self.geometry is None:
+            raise ValueError("no image was processed: the image source is empty")
+        return [
+            _build_result(self.accumulators[t.module_name], self.geometry[t.module_name], self.model_name,
+                          self.protocol, self.options, self.weights_info, self.source_description, self.preprocess,
+                          self.input_hw, self.seed, self.elapsed, self.done, self.shard, self.engine)
+            for t in self.targets
+        ]
 
 
 def measure_erf(
@@ -315,7 +778,7 @@ def measure_erf(
     *,
     targets: str | nn.Module | Sequence[str | nn.Module] | None = None,
     protocol: str = "replknet",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     device: str | torch.device = "cpu",
     num_images: int | None = None,
     weights: str | None = None,
@@ -329,6 +792,11 @@ def measure_erf(
     checkpoint_every: int = 0,
     resume: bool = False,
     shard: tuple[int, int] = (0, 1),
+    reparameterize: bool = False,
+    fold_bn: bool = False,
+    fft_depthwise: int | None = None,
+    memory_budget: int | None = None,
+    prefetch: bool | None = None,
     **options: Any,
 ) -> ERFResult | list[ERFResult]:
     """Measure the effective receptive field of ``model`` at one or several target layers.
@@ -343,22 +811,60 @@ def measure_erf(
         all targets come from one forward pass.
     protocol: ``"replknet"``, ``"kim2023"`` or ``"luo2016"``; ``**options`` override single choices
         (see :class:`erf_tools.protocols.ERFOptions`, e.g. ``gradient="abs"``, ``input_size=512``).
-    batch_size: images per forward/backward; the result does not depend on it.
+    batch_size: images per forward/backward (the result does not depend on it beyond float rounding), or
+        ``"auto"``: the largest batch whose estimated peak memory fits ``memory_budget`` bytes (default: what is
+        free on ``device``), see :func:`erf_tools.memory.auto_batch_size`.
     precision: ``"fp32"`` (exact protocol), or ``"bf16"``/``"fp16"`` autocast for the forward (maps still accumulate
-        in float64).
+        exactly, see :class:`ExactSum`).
+    channels_last: run the model with NHWC weights and inputs (on a private copy of the model).
+    reparameterize, fold_bn, fft_depthwise: exact fast paths applied to a private copy (see :func:`prepare_model`):
+        ``structural_reparam()`` for models that have it (RepLKNet), BN folded into convs, FFTs for depthwise
+        convs with kernels of at least ``fft_depthwise`` pixels. Maps change by float rounding only.
     keep_per_image: keep per-image maps block-summed to at most ``per_image_resolution`` pixels a side (bootstrap).
     progress: called as ``progress(images_done, images_total)`` after each batch.
     partial_path, checkpoint_every, resume: checkpoint the accumulators every ``checkpoint_every`` images to
-        ``partial_path``; with ``resume=True`` continue from it (same settings required).
+        ``partial_path`` (and whenever the run stops on an exception); with ``resume=True`` continue from it
+        (same settings required). An interrupted run loses at most ``checkpoint_every`` images of work.
     shard: (rank, world_size): this process takes images rank, rank + world_size, ... (see
         :mod:`erf_tools.distributed`).
+    prefetch: prepare the next batches in a background thread (default: on for accelerators, off on CPU where
+        the compute threads already use every core).
 
     Returns one :class:`ERFResult`, or a list of them (in target order) when ``targets`` is a list.
     """
+    measurement = _measure(
+        model, images, targets=targets, protocol=protocol, batch_size=batch_size, device=device,
+        num_images=num_images, weights=weights, seed=seed, precision=precision, channels_last=channels_last,
+        keep_per_image=keep_per_image, per_image_resolution=per_image_resolution, progress=progress,
+        partial_path=partial_path, checkpoint_every=checkpoint_every, resume=resume, shard=shard,
+        reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise, memory_budget=memory_budget,
+        prefetch=prefetch, **options)
+    results = measurement.results()
+    partial = measurement.partial_path
+    if partial is not None and partial.is_file() and shard[1] == 1:
+        partial.unlink()
+    return results if isinstance(targets, (list, tuple)) else results[0]
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _measure(
+    model, images, *, targets, protocol, batch_size, device, num_images, weights, seed, precision, channels_last,
+    keep_per_image, per_image_resolution, progress, partial_path, checkpoint_every, resume, shard,
+    reparameterize=False, fold_bn=False, fft_depthwise=None, memory_budget=None, prefetch=None, **options,
+) -> Measurement:
+    """The extraction loop behind :func:`measure_erf`; returns the accumulators with their context."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    rank, world = shard
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
     opts = resolve_options(protocol, **options)
     if isinstance(model, str):
         model_name = model
@@ -371,59 +877,92 @@ def measure_erf(
         weights_info = WeightsInfo(source="module", init_mode="as given", silenced_branches=silenced)
     if weights_info.init_mode in ("default", "as given"):
         warn_if_silenced(model, model_name)
+    device = torch.device(device)
     model = model.to(device)
     resolved = resolve_targets(model, targets)
 
     stream, source_description, preprocess = _input_stream(images, model, opts, num_images, seed, shard)
     total_images = source_description["num_images"]
-    input_hw = source_description["input_size"]
+    input_hw = tuple(source_description["input_size"])
     factor = max(1, -(-max(input_hw) // per_image_resolution))
     accumulators = {t.module_name: ERFAccumulator(tuple(input_hw), factor, keep_per_image) for t in resolved}
-    fingerprint = _fingerprint(model_name, resolved, opts, input_hw, source_description)
+    fingerprint = _fingerprint(model_name, resolved, opts, input_hw, source_description, precision)
 
     done = 0
     partial = Path(partial_path) if partial_path is not None else None
     if resume and partial is not None and partial.is_file():
         done = load_partial(partial, accumulators, fingerprint)
-        stream = stream(done)
-    else:
-        stream = stream(0)
+    stream_factory = stream
+    stream = stream_factory(done)
 
-    engine = _Engine(model, resolved, opts, device, precision, channels_last)
+    work, engine_info = prepare_model(model, resolved, input_hw, reparameterize=reparameterize, fold_bn=fold_bn,
+                                      fft_depthwise=fft_depthwise, channels_last=channels_last)
+    if batch_size == "auto":
+        from erf_tools.memory import auto_batch_size
+
+        batch_size = auto_batch_size(work, input_hw, memory_budget, targets=[t.module_name for t in resolved],
+                                     protocol=protocol, precision=precision, channels_last=channels_last,
+                                     device=device, **options)
+        batch_size = max(1, min(batch_size, total_images - done))
+        engine_info["auto_batch_size"] = True
+    engine_info |= {"batch_size": batch_size, "precision": precision, "channels_last": channels_last,
+                    "device": str(device), "shard": list(shard)}
+    engine = _Engine(work, resolved, opts, device, precision, channels_last)
+    if prefetch is None:
+        prefetch = device.type != "cpu"
+    batches = _batches(stream, batch_size)
+    prefetcher = _Prefetcher(batches, pin_memory=device.type == "cuda") if prefetch else None
     started = time.perf_counter()
     last_saved = done
-    with _frozen_eval(model):
+    with _frozen_eval(work):
         try:
-            for ids, batch in _batches(stream, batch_size):
+            for ids, batch in (prefetcher if prefetcher is not None else batches):
                 maps = engine.process(batch)
                 for name, accumulator in accumulators.items():
                     accumulator.add(maps[name], ids)
                 done += len(ids)
-                if progress is not None:
-                    progress(done, total_images)
                 if partial is not None and checkpoint_every and done - last_saved >= checkpoint_every:
                     save_partial(partial, accumulators, done, fingerprint)
                     last_saved = done
+                if progress is not None:  # after the checkpoint: a callback that stops the run loses nothing
+                    progress(done, total_images)
         except BaseException:
             if partial is not None and done > last_saved:  # Ctrl-C, OOM, ...: keep what was computed
                 save_partial(partial, accumulators, done, fingerprint)
             raise
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
     elapsed = time.perf_counter() - started
-    if engine.geometry is None:
-        raise ValueError("no image was processed: the image source is empty")
+    if engine.geometry is None and done > 0:  # every image came from the checkpoint: probe the geometry once
+        for _ids, batch in _batches(stream_factory(0), 1):
+            with _frozen_eval(work):
+                engine.process(batch)
+            break
+    return Measurement(accumulators, engine.geometry, resolved, model_name, protocol, opts, weights_info,
+                       source_description, preprocess, input_hw, seed, shard, done, elapsed, engine_info, partial)
 
-    results = [
-        _build_result(accumulators[t.module_name], engine.geometry[t.module_name], model_name, protocol, opts,
-                      weights_info, source_description, preprocess, input_hw, seed, elapsed, done, shard)
-        for t in resolved
-    ]
-    if partial is not None and partial.is_file() and shard[1] == 1:
-        partial.unlink()
-    return results if isinstance(targets, (list, tuple)) else results[0]
+
+class _LazyPreprocess:
+    """Stands in for a :class:`Preprocessing` inside :func:`iter_inputs`: returns a thunk instead of a tensor.
+
+    Why: a shard (rank r of w) only needs every w-th image, and a resumed run none of those already done, but which
+    images count is decided by decoding (unreadable files are skipped). Decoding stays in order; the expensive part,
+    the resize to the input size (1024² bicubic), then runs only for the images this process uses.
+    """
+
+    def __init__(self, preprocess: Preprocessing) -> None:
+        self.preprocess = preprocess
+        self.size = preprocess.size
+
+    def __call__(self, image) -> Callable[[], torch.Tensor]:
+        preprocess = self.preprocess
+        return lambda: preprocess(image)
 
 
 def _input_stream(images, model, opts: ERFOptions, num_images, seed, shard):
-    """A function start -> iterator of (id, tensor) for this shard, the source description, the preprocessing."""
+    """A function start -> iterator of (id, tensor or thunk) for this shard, the source description, the
+    preprocessing."""
     rank, world = shard
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
@@ -445,7 +984,7 @@ def _input_stream(images, model, opts: ERFOptions, num_images, seed, shard):
     wanted = num_images if num_images is not None else len(source.ids)
 
     def source_stream(start: int) -> Iterator:
-        stream = iter_inputs(source, preprocess, num_images=wanted)
+        stream = iter_inputs(source, _LazyPreprocess(preprocess), num_images=wanted)
         shard_items = (item for i, item in enumerate(stream) if i % world == rank)
         return (item for i, item in enumerate(shard_items) if i >= start)
 
@@ -455,7 +994,9 @@ def _input_stream(images, model, opts: ERFOptions, num_images, seed, shard):
 
 
 def _build_result(accumulator, geometry: _TargetGeometry, model_name, protocol, opts, weights_info, source_description,
-                  preprocess: Preprocessing | None, input_hw, seed, elapsed, done, shard) -> ERFResult:
+                  preprocess: Preprocessing | None, input_hw, seed, elapsed, done, shard,
+                  engine: dict[str, Any] | None = None) -> ERFResult:
+
     if accumulator.rejected:
         warnings.warn(
             f"{len(accumulator.rejected)} image(s) gave NaN/Inf gradients at {geometry.target.name!r} and were "
@@ -493,7 +1034,8 @@ def _build_result(accumulator, geometry: _TargetGeometry, model_name, protocol, 
         preprocessing=preprocess.to_dict() if preprocess is not None else {"rule": "none (tensor input)"},
         seed=seed,
         versions=_versions(),
-        timing={"seconds": elapsed, "images_per_second": done / elapsed if elapsed > 0 else float("nan")},
+        timing={"seconds": elapsed, "images_per_second": done / elapsed if elapsed > 0 else float("nan"),
+                "engine": dict(engine or {})},
     )
 
 
