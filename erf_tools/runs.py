@@ -104,6 +104,7 @@ def measure_settings(
     """Resolve the input size and image count: explicit values, else full-protocol or quick defaults."""
     if protocol not in PRESETS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PRESETS)}")
+    check_model_name(model)
     preset_size = PRESETS[protocol].input_size
     quick = False
     if input_size is None:
@@ -128,6 +129,14 @@ def measure_settings(
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
                            batch_size=int(batch_size), device=str(device), precision=str(precision), seed=int(seed),
                            full_protocol=bool(full_protocol), quick=quick)
+
+
+def check_model_name(model: str) -> None:
+    """Raise :class:`~erf_tools.weights.UnknownModelError` (with the closest names) unless ``model`` is registered."""
+    from erf_tools.weights import load_model, model_names
+
+    if model.split(".", 1)[0] not in model_names():
+        load_model(model)  # raises UnknownModelError naming the closest registered names
 
 
 @dataclass
@@ -174,10 +183,8 @@ def stage_targets(model: str) -> list[str]:
     import torch
 
     from erf_tools.targets import TargetError, resolve_targets
-    from erf_tools.weights import load_model, model_names
 
-    if model.split(".", 1)[0] not in model_names():
-        load_model(model)  # raises UnknownModelError with the closest names
+    check_model_name(model)
     with torch.device("meta"):
         module = timm.create_model(model, pretrained=False)
     found = []
