@@ -128,6 +128,37 @@ def activate_branches(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+_SAFE_PICKLE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "numpy.")
+
+
+def pickle_imports(path: Path) -> list[str] | None:
+    """The ``module.name`` globals a pickle (plain, or inside torch's zip format) would import, read from its
+    opcodes without executing anything; None when the file is not a readable pickle."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return None
+                data = archive.read(names[0])
+        else:
+            data = Path(path).read_bytes()
+        imported, strings = [], []
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                imported.append(str(argument).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                imported.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(argument, str):
+                strings.append(argument)
+        return imported
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
+        return None
+
+
 def _classifier_names(model: nn.Module) -> list[str]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     names = cfg.get("classifier", "head")
@@ -147,13 +178,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        imported = pickle_imports(path)
+        unsafe = [name for name in imported or [] if not name.startswith(_SAFE_PICKLE_PREFIXES)]
+        if unsafe:
             raise CheckpointError(
-                f"refused to load {str(path)!r}: it is a pickle that carries code or objects other than tensors, "
-                "and erf-tools only loads checkpoints with torch.load(weights_only=True)"
+                f"refused to load {str(path)!r}: it is a pickle that carries code ({', '.join(unsafe[:3])}), and "
+                "erf-tools only loads checkpoints with torch.load(weights_only=True)"
             ) from exc
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({message})") from exc
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({message[:200]})") from exc
     try:
         state = unwrap_checkpoint(checkpoint)
     except TypeError as exc:

@@ -91,11 +91,30 @@ class _Payload:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_pickle_that_carries_code_is_refused(tiny, tmp_path):
+def test_random_bytes_are_not_mistaken_for_code(tiny, tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tiny, path)
+
+
+def test_result_files_are_ordinary_files(tiny, tmp_path):
+    npz, js = save_result(_small_result(tiny), tmp_path / "erf")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert npz.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert js.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("container", ["plain pickle", "torch zip"])
+def test_pickle_that_carries_code_is_refused(tiny, tmp_path, container):
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as handle:
-        pickle.dump({"model": _Payload()}, handle)
-    with pytest.raises(CheckpointError, match="refused .*carries code"):
+    if container == "torch zip":
+        torch.save({"model": _Payload()}, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump({"model": _Payload()}, handle)
+    with pytest.raises(CheckpointError, match=r"refused .*carries code \(posix.system"):
         load_checkpoint(tiny, path)
 
 
