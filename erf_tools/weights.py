@@ -185,8 +185,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
                 f"refused to load {str(path)!r}: it is a pickle that carries code ({', '.join(unsafe[:3])}), and "
                 "erf-tools only loads checkpoints with torch.load(weights_only=True)"
             ) from exc
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({message[:200]})") from exc
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupt or another format: {message[:160]})"
+        ) from exc
     try:
         state = unwrap_checkpoint(checkpoint)
     except TypeError as exc:
