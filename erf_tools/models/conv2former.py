@@ -19,10 +19,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
+from erf_tools.models.layers import PrunableStagedBackbone
 
 __all__ = ["Conv2Former", "checkpoint_filter_fn", "infer_kernel_size"]
 
@@ -93,7 +93,7 @@ class Conv2FormerBlock(nn.Module):
         return x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(x))
 
 
-class Conv2Former(nn.Module):
+class Conv2Former(PrunableStagedBackbone):
     """Conv2Former with the official stem (two 3x3 convs + 2x2 patchify), LN + 2x2 downsampling and 1280-wide head.
 
     Argument names follow the official constructor for the arguments it uses. The official code ignores its
@@ -102,6 +102,9 @@ class Conv2Former(nn.Module):
     """
 
     erf_target = "stages.3"
+    classifier_name = "pred"
+    nchw_error = "Conv2Former intermediates are NCHW only"
+    head_modules = ("head",)  # the Conv1x1 → 1280 head block goes with the classifier when pruned
 
     def __init__(
         self,
@@ -163,55 +166,6 @@ class Conv2Former(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.pred = nn.Linear(HEAD_DIM, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.pred
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace ``pred`` (e.g. for a 22k checkpoint); the ERF does not depend on it."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.pred = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (timm interface). ``norm`` is accepted for compatibility; ``head`` is never applied."""
-        if output_fmt != "NCHW":
-            raise ValueError("Conv2Former intermediates are NCHW only")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        last = max_index if stop_early else len(self.stages) - 1
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last requested one, and the head, as timm's feature wrappers expect."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        self.downsample_layers = self.downsample_layers[: max_index + 1]
-        if prune_head or max_index < 3:
-            self.head = nn.Identity()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``stages[3]`` output, (N, C3, H/32, W/32), before ``head``: the ERF target map."""

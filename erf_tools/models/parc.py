@@ -38,6 +38,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
+from erf_tools.models.layers import PrunableStagedBackbone
 
 __all__ = [
     "FFT_MIN_LENGTH",
@@ -293,7 +294,7 @@ class ParCConvNeXtBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
 
-class ParCConvNeXt(nn.Module):
+class ParCConvNeXt(PrunableStagedBackbone):
     """ParC-ConvNeXt (official ``ParC_ConvNeXt``): ConvNeXt with ParC blocks in the last third of stages 3 and 4.
 
     Stage i's blocks with index ≥ ``ParC_insert_locs[i]`` are ParC blocks with meta kernel ``stages_rs[i]`` (the
@@ -304,6 +305,8 @@ class ParCConvNeXt(nn.Module):
     """
 
     erf_target = "stages.3"
+    nchw_error = "ParC-ConvNeXt intermediates are NCHW only"
+    final_norm_name = "norm"  # LayerNorm on the pooled vector
 
     def __init__(
         self,
@@ -364,56 +367,6 @@ class ParCConvNeXt(nn.Module):
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (e.g. for a 22k checkpoint or a features-only use); the ERF does not depend on it."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (timm interface). ``norm`` is accepted for compatibility: there is no spatial final norm."""
-        if output_fmt != "NCHW":
-            raise ValueError("ParC-ConvNeXt intermediates are NCHW only")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        last = max_index if stop_early else len(self.stages) - 1
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last requested one (and the head), as timm's feature wrappers expect."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        self.downsample_layers = self.downsample_layers[: max_index + 1]
-        if prune_norm or max_index < 3:
-            self.norm = nn.Identity()
-        if prune_head or max_index < 3:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``stages[3]`` output, (N, C3, H/32, W/32): the ERF target map."""

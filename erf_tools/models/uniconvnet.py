@@ -29,11 +29,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
 from erf_tools.models.dcnv3 import DCNv3
+from erf_tools.models.layers import StagedBackbone
 
 __all__ = ["UniConvNet", "UniConvNetBlock", "ReceptiveFieldAggregator", "checkpoint_filter_fn"]
 
@@ -158,7 +158,7 @@ def _downsample(in_chs: int, out_chs: int) -> nn.Sequential:
     return nn.Sequential(LayerNorm2d(in_chs, eps=NORM_EPS), nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1))
 
 
-class UniConvNet(nn.Module):
+class UniConvNet(StagedBackbone):
     """UniConvNet: stem + 3 downsamplers (``downsample_layers``) and 4 stages of :class:`UniConvNetBlock`.
 
     Args:
@@ -178,6 +178,7 @@ class UniConvNet(nn.Module):
 
     #: The map the ERF is measured on: the last stage's spatial output, before pooling, norm and head.
     erf_target = "stages.3"
+    nchw_error = "UniConvNet intermediates are NCHW"
 
     def __init__(
         self,
@@ -252,49 +253,6 @@ class UniConvNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """The official recipe skips weight decay for 1-D parameters (scales, norms, biases); named ones here."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (e.g. 1000 classes for a 22k checkpoint's model, or 0 for none)."""
-        if global_pool is not None:
-            self._check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW, reductions 4/8/16/32), timm style.
-
-        Args:
-            x: input images.
-            indices: last n stages if int, all if None, the listed stage indices if a sequence.
-            norm: ignored: the model's only final norm acts on the pooled vector, not on maps.
-            stop_early: stop after the last requested stage.
-            output_fmt: only ``"NCHW"``.
-            intermediates_only: return only the list of intermediates.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError("UniConvNet intermediates are NCHW")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if stop_early else len(self.stages) - 1
-        intermediates = []
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial output of ``stages[3]`` (N, C3, H/32, W/32), before the mean, the LayerNorm and the head."""
