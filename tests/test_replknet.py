@@ -19,7 +19,6 @@ from erf_tools.weights import find_silenced_branches, load_checkpoint
 from tests.conformance import (
     assert_close_to_ref,
     assert_matches_manifest,
-    load_manifest,
     load_meta,
     load_tensors,
     state_dict_of,
@@ -115,11 +114,12 @@ def test_merged_manifest_after_structural_reparam():
     assert_matches_manifest(built_merged, "replknet_31b_merged")
 
 
-def test_xl_merge_only_folds_bn():
+def test_xl_has_no_small_kernel_and_merging_only_folds_bn():
     with torch.device("meta"):
-        model = timm.create_model("replknet_xl").structural_reparam()
+        model = timm.create_model("replknet_xl")
+    assert not any(".small_conv." in k for k in model.state_dict())
+    model.structural_reparam()
     assert sum(p.numel() for p in model.parameters()) == 335_399_656  # spec: XL merged parameter count
-    assert load_manifest("replknet_xl")["num_params"] == 335_435_752
 
 
 def test_pretrained_cfgs():
@@ -287,3 +287,16 @@ def test_input_gradient_maps_match_official_erf_protocol(small, variant):
         maps.append(x.grad[0].relu().sum(0))
     assert_close_to_ref(torch.stack(maps), tensors["per_image_maps"],
                         meta["suggested_tolerance"]["per_image_maps_and_mean_map"])
+
+
+def test_timm_pretrained_path_uses_the_filter(tmp_path, small, ref):
+    """timm.create_model(pretrained=True) with a local official file goes through checkpoint_filter_fn too."""
+    meta, tensors = ref
+    path = _save(tmp_path, "RepLKNet-31B_ImageNet-1K_224.pth",
+                 {"model": copy.deepcopy(small).structural_reparam().state_dict()})
+    kwargs = {k: meta["constructor_kwargs"][k] for k in ("large_kernel_sizes", "layers", "channels")}
+    model = timm.create_model("replknet_31b.in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **kwargs).eval()
+    assert model.is_merged
+    assert_close_to_ref(_outputs(model, tensors["input"])[0], tensors["logits_merged"],
+                        meta["suggested_tolerance"]["logits"])

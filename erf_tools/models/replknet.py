@@ -6,7 +6,7 @@ PyTorch code (``DingXiaoH/RepLKNet-pytorch`` ``replknet.py``) so its checkpoints
 both the training-time layout (``large_kernel.lkb_origin`` + ``large_kernel.small_conv``) and the re-parameterised
 layout (``large_kernel.lkb_reparam``).
 
-Differences from the official code, all without effect on eval-mode outputs or on state-dict keys:
+Differences from the official code, none of which changes state-dict keys or (beyond float rounding) eval outputs:
 
 * Every norm is a plain ``nn.BatchNorm2d``. The official ``use_sync_bn=True`` flips a module-level flag that is never
   reset, so every RepLKNet built later in the same process gets ``SyncBatchNorm`` whatever it asks for. In eval mode
@@ -17,7 +17,12 @@ Differences from the official code, all without effect on eval-mode outputs or o
 * The optional CUDA ``DepthWiseConv2dImplicitGEMM`` is not used. Instead ``fft_large_kernel`` can compute the large
   depthwise convolutions through FFTs (same result to float32 rounding): on CPU PyTorch's direct depthwise
   convolution leaves its fast path above 13x13, so ``"auto"`` (FFT for CPU kernels >= 15) makes the forward and input
-  gradient of RepLKNet-31B several times faster at the ERF size of 1024x1024 (see ``bench/RESULTS.md``).
+  gradient of RepLKNet-31B 3x (2 threads) to 5x (1 thread) faster at the ERF size of 1024x1024 (``bench/RESULTS.md``).
+  Input gradients through ~60 ReLUs amplify rounding: any two float32 paths differ (merged vs unmerged as well), and
+  PyTorch's default init (BN beta = mean = 0) leaves whole depthwise channels exactly zero, where the direct conv
+  returns 0 (ReLU gate shut) and the FFT +-1e-12 (gate open half the time). Measured on 31B at 224 against float64,
+  relative L1 error of the input gradient, direct / FFT: 6e-7 / 6e-7 at default init when no gate flips (a flipped
+  gate moves a few pixels by up to 0.13 % of the maximum), 3e-4 / 7e-4 with ``erf_tools.weights.activate_branches``.
 
 The ERF quantity of the paper is the stage-4 output **before** the final BN (``forward_features``; module
 ``erf_target = "stages.3"``).
@@ -41,7 +46,7 @@ from erf_tools.models.common import unwrap_checkpoint
 FftMode = Union[bool, Literal["auto"]]
 #: ``fft="auto"`` uses FFTs for depthwise kernels at least this large on CPU. Measured with torch 2.14.1 on CPU
 #: (bench/bench_replknet.py --crossover): the direct kernel is 2-4x faster than FFT at 13x13 for every map size
-#: from 7 to 256, and 2-25x slower from 15x15 up, because PyTorch's direct depthwise path slows down sharply there.
+#: from 7 to 256, and 1.3-16x slower from 15x15 up (maps 7-256), because its CPU path slows down sharply there.
 FFT_AUTO_MIN_KERNEL = 15
 
 __all__ = ["RepLKNet", "ReparamLargeKernelConv", "fft_depthwise_conv2d", "fuse_bn", "merge_state_dict"]
