@@ -241,6 +241,10 @@ def test_features_only_via_timm(ref):
     with torch.no_grad():
         features = backbone(tensors["input"])
     assert [tuple(f.shape) for f in features] == [(2, 32, 12, 12), (2, 128, 3, 3)]
+    early = timm.create_model("replknet_31b", features_only=True, out_indices=(0, 1), **kwargs).eval()
+    assert len(early.model.stages) == 2 and len(early.model.transitions) == 1  # later stages pruned
+    with torch.no_grad():
+        assert [tuple(f.shape) for f in early(tensors["input"])] == [(2, 16, 24, 24), (2, 32, 12, 12)]
 
 
 def test_reset_classifier_and_pre_logits(small, ref):

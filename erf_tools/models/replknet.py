@@ -44,9 +44,10 @@ from torch import nn
 from erf_tools.models.common import unwrap_checkpoint
 
 FftMode = Union[bool, Literal["auto"]]
-#: ``fft="auto"`` uses FFTs for depthwise kernels at least this large on CPU. Measured with torch 2.14.1 on CPU
-#: (bench/bench_replknet.py --crossover): the direct kernel is 2-4x faster than FFT at 13x13 for every map size
-#: from 7 to 256, and 1.3-16x slower from 15x15 up (maps 7-256), because its CPU path slows down sharply there.
+#: ``fft="auto"`` uses FFTs for depthwise kernels at least this large on CPU. Measured with torch 2.14.1 on the 2-core
+#: CPU (bench/bench_replknet.py --crossover, 1 and 2 threads): the direct conv beats the FFT 1.7-4.5x at 13x13 for
+#: every map from 7 to 256; from 15x15 up the FFT wins 1.3-26x (a tie at most on 7x7 maps), because PyTorch's CPU
+#: depthwise path slows down sharply above 13x13. The crossover is a kernel size, not a map size.
 FFT_AUTO_MIN_KERNEL = 15
 
 __all__ = ["RepLKNet", "ReparamLargeKernelConv", "fft_depthwise_conv2d", "fuse_bn", "merge_state_dict"]
@@ -473,12 +474,15 @@ class RepLKNet(nn.Module):
     ) -> list[int]:
         """Drop the stages (and head) that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        cut = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
         self.transitions = self.transitions[:max_index]
-        if prune_head:
-            self.reset_classifier(0, "")
-        if prune_norm or max_index < len(self.feature_info) - 1:
+        if prune_norm or cut:  # the final BN is sized for the last stage
             self.norm = nn.Identity()
+        if cut:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or cut:
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
