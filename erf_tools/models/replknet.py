@@ -337,7 +337,7 @@ class RepLKNet(nn.Module):
             norm_intermediate_features: a BN per stage for intermediate outputs (official detection/segmentation).
             fft_large_kernel: compute the large depthwise convolutions with FFTs (:func:`fft_depthwise_conv2d`):
                 True for all, "auto" where it is faster (CPU, kernels >= ``FFT_AUTO_MIN_KERNEL``), False (default)
-                for PyTorch's direct convolution, bit-identical to the official code.
+                for PyTorch's direct convolution, the same arithmetic as the official code.
             global_pool: timm pooling type of the head.
             drop_rate: dropout before the linear head (not in the official model; 0 keeps it out).
         """
