@@ -18,6 +18,7 @@ reproducible. It describes the architecture, not a trained network: label figure
 """
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -128,7 +129,8 @@ def activate_branches(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-_SAFE_PICKLE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "numpy.")
+_SAFE_PICKLE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "numpy.",
+                         "argparse.Namespace")
 
 
 def pickle_imports(path: Path) -> list[str] | None:
@@ -176,7 +178,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Official training scripts (RepLKNet, UniConvNet/ConvNeXt ``save_model``) store their ``args`` Namespace
+        # beside the weights; it holds only data, so it is the one class allowed besides tensors and containers.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         imported = pickle_imports(path)
         unsafe = [name for name in imported or [] if not name.startswith(_SAFE_PICKLE_PREFIXES)]

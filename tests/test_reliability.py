@@ -142,6 +142,16 @@ def test_official_wrappers_load(tiny, tmp_path, wrapper):
         assert torch.equal(value, state[key])
 
 
+def test_training_checkpoint_with_args_namespace_loads(tiny, tmp_path):
+    import argparse
+
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": tiny.state_dict(), "epoch": 299, "args": argparse.Namespace(model="x", lr=4e-3)}, path)
+    fresh = timm.create_model("test_resnet", pretrained=False)
+    assert load_checkpoint(fresh, path).source == "checkpoint"
+    assert torch.equal(fresh.fc.weight, tiny.fc.weight)
+
+
 def test_checkpoint_with_another_head_size_loads(tiny, tmp_path):
     model22k = timm.create_model("test_resnet", pretrained=False, num_classes=21841)
     path = tmp_path / "in22k.pth"
