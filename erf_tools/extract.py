@@ -4,10 +4,22 @@ One forward pass per batch captures every target; one backward per target (the g
 the per-sample input gradients, because in eval mode sample b's features depend on x_b alone, so
 ∂(Σ_b s_b)/∂x_b = ∂s_b/∂x_b exactly. The protocol's per-sample post-processing (ReLU/abs/clamp, RGB reduction)
 happens before anything is summed over images, and each sample is checked for NaN/Inf on its own. No parameter
-gradients are computed. Accumulators are float64.
+gradients are computed. Accumulators are exact (:class:`ExactSum`), so neither the batch grouping, nor a resume, nor
+splitting the images over processes changes the sum of the same per-image maps.
+
+Performance (issue 8, measured in ``bench/RESULTS.md`` with ``bench/bench_erf.py``): the forward stops after the
+last target; batches amortise per-call overheads; ``channels_last`` gives oneDNN/cuDNN their fast NHWC kernels (and
+makes large depthwise convs on CPU several times faster); ``fold_bn`` removes the memory-bound BatchNorm passes;
+``reparameterize`` merges RepLKNet's parallel kernels; ``fft_depthwise`` computes very large depthwise kernels by
+FFT; ``precision="bf16"`` autocasts (the stem stays float32). These act on a private copy of the model
+(:func:`prepare_model`) and change the maps by float rounding only, except reduced precision. ``batch_size="auto"``
+sizes batches from a meta-device replay of one batch (:mod:`erf_tools.memory`); images are preprocessed in a
+background thread on accelerators; :mod:`erf_tools.distributed` spreads the images over processes.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import math
 import platform
@@ -658,7 +670,7 @@ class _Engine:
             return {k: torch.cat([first[k], second[k]]) for k in first}
 
     def _process(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = batch.to(self.device, torch.float32)
+        x = batch.to(self.device, torch.float32, non_blocking=True)  # asynchronous from pinned (prefetched) memory
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
@@ -797,6 +809,7 @@ def measure_erf(
     fft_depthwise: int | None = None,
     memory_budget: int | None = None,
     prefetch: bool | None = None,
+    workers: int = 1,
     **options: Any,
 ) -> ERFResult | list[ERFResult]:
     """Measure the effective receptive field of ``model`` at one or several target layers.
@@ -829,6 +842,10 @@ def measure_erf(
         :mod:`erf_tools.distributed`).
     prefetch: prepare the next batches in a background thread (default: on for accelerators, off on CPU where
         the compute threads already use every core).
+    workers: batches computed concurrently by this many threads, each with its own copy of the model and an equal
+        share of the intra-op threads (CPU). For models whose operators use one core whatever the thread count
+        (``grid_sample``-based deformable convolutions: UniConvNet), ``workers=os.cpu_count()`` runs one image per
+        core. Accumulation stays in image order, so the result is that of ``workers=1``.
 
     Returns one :class:`ERFResult`, or a list of them (in target order) when ``targets`` is a list.
     """
@@ -838,7 +855,7 @@ def measure_erf(
         keep_per_image=keep_per_image, per_image_resolution=per_image_resolution, progress=progress,
         partial_path=partial_path, checkpoint_every=checkpoint_every, resume=resume, shard=shard,
         reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise, memory_budget=memory_budget,
-        prefetch=prefetch, **options)
+        prefetch=prefetch, workers=workers, **options)
     results = measurement.results()
     partial = measurement.partial_path
     if partial is not None and partial.is_file() and shard[1] == 1:
@@ -855,13 +872,16 @@ def _module_device(model: nn.Module) -> torch.device:
 def _measure(
     model, images, *, targets, protocol, batch_size, device, num_images, weights, seed, precision, channels_last,
     keep_per_image, per_image_resolution, progress, partial_path, checkpoint_every, resume, shard,
-    reparameterize=False, fold_bn=False, fft_depthwise=None, memory_budget=None, prefetch=None, **options,
+    reparameterize=False, fold_bn=False, fft_depthwise=None, memory_budget=None, prefetch=None, workers=1,
+    **options,
 ) -> Measurement:
     """The extraction loop behind :func:`measure_erf`; returns the accumulators with their context."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     rank, world = shard
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
@@ -900,24 +920,32 @@ def _measure(
     if batch_size == "auto":
         from erf_tools.memory import auto_batch_size
 
-        batch_size = auto_batch_size(work, input_hw, memory_budget, targets=[t.module_name for t in resolved],
+        from erf_tools.memory import available_memory
+
+        budget = (memory_budget if memory_budget is not None else available_memory(device)) // workers
+        batch_size = auto_batch_size(work, input_hw, budget, targets=[t.module_name for t in resolved],
                                      protocol=protocol, precision=precision, channels_last=channels_last,
                                      device=device, **options)
-        batch_size = max(1, min(batch_size, total_images - done))
+        batch_size = max(1, min(batch_size, -(-(total_images - done) // workers)))
         engine_info["auto_batch_size"] = True
     engine_info |= {"batch_size": batch_size, "precision": precision, "channels_last": channels_last,
                     "device": str(device), "shard": list(shard)}
-    engine = _Engine(work, resolved, opts, device, precision, channels_last)
+    if workers > 1:
+        engine_info["workers"] = workers
+    engines = [_Engine(work if i == 0 else copy.deepcopy(work), resolved, opts, device, precision, channels_last)
+               for i in range(workers)]
     if prefetch is None:
         prefetch = device.type != "cpu"
     batches = _batches(stream, batch_size)
     prefetcher = _Prefetcher(batches, pin_memory=device.type == "cuda") if prefetch else None
     started = time.perf_counter()
     last_saved = done
-    with _frozen_eval(work):
+    with contextlib.ExitStack() as stack:
+        for engine in engines:
+            stack.enter_context(_frozen_eval(engine.model))
+        computed = _compute(engines, prefetcher if prefetcher is not None else batches, stack)
         try:
-            for ids, batch in (prefetcher if prefetcher is not None else batches):
-                maps = engine.process(batch)
+            for ids, maps in computed:
                 for name, accumulator in accumulators.items():
                     accumulator.add(maps[name], ids)
                 done += len(ids)
@@ -931,16 +959,63 @@ def _measure(
                 save_partial(partial, accumulators, done, fingerprint)
             raise
         finally:
+            computed.close()
             if prefetcher is not None:
                 prefetcher.close()
-    elapsed = time.perf_counter() - started
-    if engine.geometry is None and done > 0:  # every image came from the checkpoint: probe the geometry once
-        for _ids, batch in _batches(stream_factory(0), 1):
-            with _frozen_eval(work):
-                engine.process(batch)
-            break
-    return Measurement(accumulators, engine.geometry, resolved, model_name, protocol, opts, weights_info,
+        elapsed = time.perf_counter() - started
+        geometry = next((e.geometry for e in engines if e.geometry is not None), None)
+        if geometry is None and done > 0:  # every image came from the checkpoint: probe the geometry once
+            for _ids, batch in _batches(stream_factory(0), 1):
+                engines[0].process(batch)
+                geometry = engines[0].geometry
+                break
+    return Measurement(accumulators, geometry, resolved, model_name, protocol, opts, weights_info,
                        source_description, preprocess, input_hw, seed, shard, done, elapsed, engine_info, partial)
+
+
+def _compute(engines: list[_Engine], batches: Iterable, stack: contextlib.ExitStack) -> Iterator:
+    """(ids, per-sample maps) of every batch, in order; with several engines, batches run concurrently in threads.
+
+    Why threads: some models spend most of their time in operators that use a single core whatever the thread
+    count (UniConvNet's ``grid_sample``, see ``bench/RESULTS.md``); with one engine (model copy) per thread and the
+    intra-op threads shared out, every core works on its own image. Torch operators release the GIL, and the
+    autograd engine runs CPU backward passes on the calling thread. Results are yielded in submission order, so
+    accumulation, checkpoints and progress are exactly those of the serial loop.
+    """
+    if len(engines) == 1:
+        for ids, batch in batches:
+            yield ids, engines[0].process(batch)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    stack.callback(torch.set_num_threads, threads)
+    torch.set_num_threads(max(1, threads // len(engines)))
+    free: queue.Queue = queue.Queue()
+    for engine in engines:
+        free.put(engine)
+
+    def run(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        engine = free.get()
+        try:
+            return engine.process(batch)
+        finally:
+            free.put(engine)
+
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="erf-worker") as pool:
+        try:
+            for ids, batch in batches:
+                pending.append((ids, pool.submit(run, batch)))
+                if len(pending) >= len(engines):
+                    ids_done, future = pending.popleft()
+                    yield ids_done, future.result()
+            while pending:
+                ids_done, future = pending.popleft()
+                yield ids_done, future.result()
+        finally:
+            for _ids, future in pending:
+                future.cancel()
 
 
 class _LazyPreprocess:

@@ -101,3 +101,20 @@ def test_without_a_process_group_it_is_a_single_process_run():
     alone = measure_erf_distributed(model, images()[:3], batch_size=3)
     reference = measure_erf(model, images()[:3], batch_size=3)
     assert np.array_equal(alone.map, reference.map)
+
+
+@pytest.mark.filterwarnings("ignore:.*NaN/Inf.*")
+def test_worker_threads_give_the_serial_result():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = measure_erf(tiny_model(), images(), batch_size=1, workers=2, targets=["body.2", "body"])
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)  # what each of the two workers had
+        serial = measure_erf(tiny_model(), images(), batch_size=1, targets=["body.2", "body"])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(parallel, serial):
+        assert np.array_equal(a.map, b.map) and np.array_equal(a.per_image_maps, b.per_image_maps)
+        assert a.image_ids == b.image_ids and a.rejected_images == b.rejected_images == ["tensor[4]"]
+    assert parallel[0].timing["engine"]["workers"] == 2

@@ -184,3 +184,26 @@ def test_accumulator_state_round_trip_is_exact():
     assert np.array_equal(restored.total, accumulator.total)
     assert restored.rejected == ["c"] and restored.rejected_positions == [2] and restored.positions == [0, 1, 3]
     assert restored.count == 3 and restored.processed == 4
+
+
+def test_prefetching_and_lazy_shard_preprocessing_change_nothing(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(5):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not an image")  # skipped while decoding, in every shard
+    kwargs = dict(input_size=24, batch_size=2)
+    with pytest.warns(UserWarning, match="not a readable image"):
+        reference = measure_erf(small_net(), folder, **kwargs)
+    with pytest.warns(UserWarning, match="not a readable image"):
+        prefetched = measure_erf(small_net(), folder, prefetch=True, **kwargs)
+    assert np.array_equal(prefetched.map, reference.map) and prefetched.image_ids == reference.image_ids
+    shards = []
+    for rank in range(2):
+        with pytest.warns(UserWarning, match="not a readable image"):
+            shards.append(measure_erf(small_net(), folder, shard=(rank, 2), **kwargs))
+    assert shards[0].image_ids == reference.image_ids[0::2] and shards[1].image_ids == reference.image_ids[1::2]
+    assert shards[0].image_source["skipped"] == reference.image_source["skipped"] != []

@@ -1,0 +1,607 @@
+"""Benchmarks of the extraction engine (issue 8): one subcommand per question, results as a markdown section.
+
+    bench/.venv-openerf/bin/python bench/bench_erf.py openerf        # 1. vs OpenERF, resnet50 @224, Kim protocol
+    bench/.venv-openerf/bin/python bench/bench_erf.py replknet-loop  # 2. vs the published RepLKNet loop @1024
+    bench/.venv-openerf/bin/python bench/bench_erf.py overhead       # 3. engine vs a bare forward + input-gradient
+    bench/.venv-openerf/bin/python bench/bench_erf.py targets        # 4. four stage targets vs one
+    bench/.venv-openerf/bin/python bench/bench_erf.py memory         # 5. peak memory per image, auto batch size
+    bench/.venv-openerf/bin/python bench/bench_erf.py profile        # where the time goes (torch.profiler)
+
+All of them run in the benchmark environment (``bench/.venv-openerf``: the project plus ``openerf==0.6.1``, never a
+dependency of erf-tools); only ``openerf`` needs it. ``--write`` puts the section into ``bench/RESULTS.md``
+(replacing this script's earlier section of the same name, leaving everything else alone).
+
+Method, because the machine is shared (other jobs keep the load average at 5-11 on 2 cores): every compared
+configuration runs once per *round*, in a rotated order, and ratios are taken within a round, so that the load
+drift between rounds cancels; the table gives the median over rounds of wall-clock throughput and of the ratio,
+and the same for process CPU seconds (all threads), which depend less on the other jobs. OpenMP threads wait
+passively (``OMP_WAIT_POLICY=PASSIVE``): spinning threads of a descheduled sibling cost up to 10x in wall time
+here. Thread count: ``--threads`` (default 2, the machine's cores).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+import timm  # noqa: E402
+
+import erf_tools  # noqa: E402,F401  (registers the model families)
+from erf_tools import measure_erf  # noqa: E402
+from erf_tools.extract import _frozen_eval, prepare_model  # noqa: E402
+from erf_tools.targets import resolve_targets  # noqa: E402
+from erf_tools.weights import activate_branches  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*silenced.*")
+
+
+# --- shared helpers ------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = f"{names[0]} x{len(names)}" if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, timm {timm.__version__}, "
+            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+            f"bf16 CPU kernels: {'yes' if torch.backends.mkldnn.is_available() else 'no'}, "
+            f"load average {load:.1f} at start")
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds of all threads, return value) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, value
+
+
+def rounds(configs: dict[str, Callable[[], object]], count: int, log=print) -> dict[str, dict]:
+    """Run every config once per round, in an order rotated each round; keep all times and the last value."""
+    names = list(configs)
+    times = {name: {"wall": [], "cpu": [], "value": None} for name in names}
+    for index in range(count):
+        order = names[index % len(names):] + names[:index % len(names)]
+        for name in order:
+            wall, cpu, value = timed(configs[name])
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
+            times[name]["value"] = value
+            log(f"  round {index + 1}/{count} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU (load {os.getloadavg()[0]:.1f})")
+    return times
+
+
+def ratio_rows(times: dict[str, dict], baseline: str, images: int) -> list[tuple[str, float, float, float, float]]:
+    """(name, images/s wall, wall ratio vs baseline, images/s CPU, CPU ratio), medians over rounds; ratios are
+    taken within each round."""
+    rows = []
+    for name, t in times.items():
+        wall_ratio = statistics.median(b / w for b, w in zip(times[baseline]["wall"], t["wall"]))
+        cpu_ratio = statistics.median(b / c for b, c in zip(times[baseline]["cpu"], t["cpu"]))
+        rows.append((name, images / statistics.median(t["wall"]), wall_ratio, images / statistics.median(t["cpu"]),
+                     cpu_ratio))
+    return rows
+
+
+def ratio_table(rows, baseline: str) -> str:
+    lines = [f"| configuration | images/s (wall) | × {baseline} (wall) | images/CPU-s | × {baseline} (CPU) |",
+             "|---|---|---|---|---|"]
+    for name, ips, ratio, ipc, cratio in rows:
+        lines.append(f"| {name} | {ips:.3f} | **{ratio:.2f}×** | {ipc:.3f} | {cratio:.2f}× |")
+    return "\n".join(lines)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel())[0, 1])
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace this script's section ``name`` in RESULTS.md (re-read just before writing), or append it."""
+    begin, end = f"<!-- bench_erf:{name} -->", f"<!-- /bench_erf:{name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    updated = pattern.sub(lambda _m: block, current) if pattern.search(current) else current.rstrip() + "\n\n" + block
+    RESULTS.write_text(updated)
+
+
+def command_line() -> str:
+    return "bench/.venv-openerf/bin/python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def sample_folder(count: int, name: str) -> Path:
+    """``count`` images written once as PNG files (the bundled sample photographs and seeded crops of them), so
+    that both tools read the very same files."""
+    from erf_tools.images import open_image_source
+
+    folder = OUT / name
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if len(files) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    source = open_image_source("sample", num_images=count, seed=0)
+    for index in range(count):
+        source.load(index).convert("RGB").save(folder / f"img_{index:03d}.png")
+    return folder
+
+
+def active_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """The architecture with every branch live (no pretrained weights can be downloaded here)."""
+    torch.manual_seed(seed)
+    return activate_branches(timm.create_model(name, pretrained=False), seed=seed).eval()
+
+
+# --- 1. OpenERF ----------------------------------------------------------------------------------------------------
+
+
+def cmd_openerf(args) -> str:
+    import openerf
+    from erf_tools.analysis import analyze
+
+    folder = sample_folder(args.images, f"images{args.images}")
+    model = active_model("resnet50")
+    fast = dict(channels_last=True, fold_bn=True)
+
+    def ours(batch_size, **kwargs):
+        return lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4", batch_size=batch_size,
+                                   **kwargs)
+
+    fp32_label = f"erf-tools fp32, batch {args.batch_size}, channels_last + fold_bn"
+    bf16_label = f"erf-tools bf16, batch {args.bf16_batch_size}, channels_last + fold_bn"
+    plain_label = f"erf-tools fp32, batch {args.batch_size}"
+    configs = {
+        "OpenERF 0.6.1 (batch 1)": lambda: openerf.compute_erf(
+            model, model_name="resnet50", image_dir=folder, max_images=args.images, target_layer="layer4",
+            device="cpu", show_progress=False),
+        "erf-tools fp32, batch 1": ours(1),
+        plain_label: ours(args.batch_size),
+        fp32_label: ours(args.batch_size, **fast),
+        bf16_label: ours(args.bf16_batch_size, precision="bf16", **fast),
+    }
+    print(f"openerf: resnet50 @224, {args.images} images, {args.rounds} rounds")
+    times = rounds(configs, args.rounds)
+    baseline = "OpenERF 0.6.1 (batch 1)"
+    rows = ratio_rows(times, baseline, args.images)
+    reference = times[baseline]["value"].erf_map
+    fp32, bf16, plain = (times[label]["value"] for label in (fp32_label, bf16_label, plain_label))
+    report_fp32, report_bf16 = analyze(fp32, bootstrap=None), analyze(bf16, bootstrap=None)
+    checks = [
+        ("max \\|erf-tools fp32 − OpenERF\\| / max (same protocol)", np.abs(plain.map - reference).max() / reference.max()),
+        ("same, fast fp32 path (channels_last + fold_bn)", np.abs(fp32.map - reference).max() / reference.max()),
+        ("Pearson(bf16 map, fp32 map)", pearson(bf16.map, fp32.map)),
+        ("AGD score fp32", report_fp32.agd_score),
+        ("AGD score bf16", report_bf16.agd_score),
+        ("\\|AGD bf16 − AGD fp32\\|", abs(report_bf16.agd_score - report_fp32.agd_score)),
+    ]
+    text = [
+        "## erf-tools vs OpenERF: resnet50 @224, Kim et al. protocol (issue 8, benchmark 1)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        f"The same {args.images} PNG files (`bench/out/images{args.images}`, bundled sample photographs and seeded "
+        "crops), the same timm `resnet50` module (active init: every branch live; no pretrained weights offline), "
+        "`layer4` target, each tool's own image decoding and timm preprocessing included in the time. OpenERF runs "
+        "its fixed batch of 1. Medians of "
+        f"{args.rounds} rounds; ratios within rounds.",
+        "",
+        ratio_table(rows, "OpenERF"),
+        "",
+        "| check | value |",
+        "|---|---|",
+        *[f"| {name} | {value:.6g} |" for name, value in checks],
+    ]
+    return "\n".join(text)
+
+
+# --- 2. the published RepLKNet loop --------------------------------------------------------------------------------
+
+
+def published_loop(model: torch.nn.Module, folder: Path, count: int, features) -> np.ndarray:
+    """``erf/visualize_erf.py`` of RepLKNet-pytorch, re-implemented from the protocol: batch 1, fp32, trainable
+    parameters (as published: an optimiser exists only for ``zero_grad``), one forward and one ``autograd.grad``
+    per image, ReLU of the centre activations summed over channels, ReLU of the input gradient summed over RGB,
+    AverageMeter mean; 1024 bicubic warp, ImageNet mean/std."""
+    from PIL import Image
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((1024, 1024), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    model.eval()
+    total, seen = None, 0
+    for path in sorted(folder.glob("*.png"))[:count]:
+        with Image.open(path) as image:
+            samples = transform(image.convert("RGB")).unsqueeze(0)
+        samples.requires_grad = True
+        outputs = features(model, samples)
+        out_size = outputs.size()
+        central_point = torch.nn.functional.relu(outputs[:, :, out_size[2] // 2, out_size[3] // 2]).sum()
+        grad = torch.autograd.grad(central_point, samples)[0]
+        contribution = torch.nn.functional.relu(grad).sum((0, 1)).cpu().numpy()
+        if np.isnan(np.sum(contribution)):
+            continue
+        total = contribution.astype(np.float64) if total is None else total + contribution
+        seen += 1
+    return total / seen
+
+
+def float64_check(model, features, fast: dict, size: int) -> str:
+    """How far each float32 path is from the float64 map (one noise image at ``size``): the float32 noise floor."""
+    import copy
+
+    def plain(module, dtype, x):
+        xb = x.to(dtype).clone().requires_grad_(True)
+        with _frozen_eval(module):
+            f = features(module, xb)
+            h, w = f.shape[-2:]
+            (g,) = torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2]).sum(), xb)
+        return torch.relu(g).sum(1)[0].double().numpy()
+
+    double = copy.deepcopy(model).double()
+    found = {"published": [], "erf-tools": []}
+    for seed in range(3):
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        truth = plain(double, torch.float64, x)
+        for key, m in (("published", plain(model, torch.float32, x)),
+                       ("erf-tools", measure_erf(model, x, batch_size=1, **fast).map)):
+            found[key].append((np.abs(m - truth).max() / truth.max(), pearson(m, truth)))
+
+    def distance(key):
+        rel, corr = zip(*found[key])
+        return f"max rel {', '.join(f'{r:.1e}' for r in rel)}; Pearson ≥ {min(corr):.7f}"
+
+    return (f"Float32 noise floor at {size}×{size} (3 noise images, each vs its float64 map): published loop "
+            f"{distance('published')}; erf-tools fast paths {distance('erf-tools')}.")
+
+
+def _stage4(model, x):
+    return model.forward_intermediates(x, indices=[3], stop_early=True, intermediates_only=True)[0]
+
+
+def _forward_features(model, x):
+    return model.forward_features(x)
+
+
+FAST_PATHS = {
+    "replknet_31b": dict(channels_last=True, reparameterize=True, fold_bn=True, fft_depthwise=27),
+    # NHWC saves UniConvNet's permute copies (its DCN works channels-last); workers=2 measured slower (RESULTS.md)
+    "uniconvnet_t": dict(channels_last=True),
+}
+
+
+def cmd_replknet_loop(args) -> dict[str, str]:
+    """One section per model (``replknet-loop-<model>``), so that models can be re-measured separately."""
+    folder = sample_folder(args.images, f"images{args.images}")
+    out = {}
+    for name in args.models:
+        sections = [
+            f"## erf-tools vs the published RepLKNet ERF loop: {name} @1024 (issue 8, benchmark 2)",
+            "",
+            f"Command: `{command_line()}`  ",
+            f"Machine: {machine()}",
+            "",
+            f"{args.images} images (`bench/out/images{args.images}`), RepLKNet protocol at 1024×1024, fp32. Baseline: "
+            "the loop of RepLKNet-pytorch `erf/visualize_erf.py` re-implemented from the protocol (batch 1, NCHW, "
+            "training-time structure, trainable parameters, torchvision transforms). erf-tools: `measure_erf` with "
+            "the listed exact fast paths (float32 throughout; maps equal to float rounding). Medians of "
+            f"{args.rounds} rounds; ratios within rounds.",
+        ]
+        model = active_model(name)
+        features = _forward_features if name.startswith("replknet") else _stage4
+        fast = FAST_PATHS.get(name, dict(channels_last=True))
+        label = f"erf-tools, batch {args.batch_size}, " + ", ".join(
+            f"{k}={v}" if not isinstance(v, bool) else k for k, v in fast.items())
+        configs = {
+            "published loop": lambda: published_loop(model, folder, args.images, features),
+            label: lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
+                                       batch_size=args.batch_size, **fast),
+        }
+        print(f"replknet-loop: {name} @1024, {args.images} images, {args.rounds} rounds")
+        times = rounds(configs, args.rounds)
+        rows = ratio_rows(times, "published loop", args.images)
+        reference = times["published loop"]["value"]
+        ours = times[label]["value"].map
+        sections += ["", ratio_table(rows, "published"), "",
+                     f"max \\|erf-tools − published\\| / max = "
+                     f"{np.abs(ours - reference).max() / reference.max():.2e}; Pearson = {pearson(ours, reference):.8f}"]
+        if args.check64:
+            sections.append(float64_check(model, features, fast, args.check64))
+        del model
+        out[f"replknet-loop-{name}"] = "\n".join(sections)
+    return out
+
+
+# --- 3. overhead vs a bare loop --------------------------------------------------------------------------------------
+
+
+def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool, features) -> None:
+    """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with _frozen_eval(model):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].clone()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                f = features(model, x)
+            h, w = f.shape[-2:]
+            torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2].float()).sum(), x)
+
+
+def cmd_overhead(args) -> str:
+    lines = [
+        "## Engine overhead vs a bare forward + input-gradient loop (issue 8, benchmark 3)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        "Same model copy (the engine's `prepare_model` output), same preprocessed tensors, batch, precision and "
+        "layout. The bare loop does only the forward to the target and `autograd.grad`; the engine adds the hooks, "
+        "the early stop, the per-sample ReLU/RGB reduction, NaN checks, the exact accumulation and per-image "
+        f"maps. Medians of {args.rounds} rounds.",
+        "",
+        "| model | input | batch | precision | fast paths | bare s | engine s | overhead (wall) | overhead (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = [("resnet50", 224, args.batch_size, "fp32", dict(channels_last=True, fold_bn=True)),
+             ("resnet50", 224, args.batch_size, "bf16", dict(channels_last=True, fold_bn=True)),
+             ("uniconvnet_t", args.size, 1, "fp32", dict(channels_last=True, fold_bn=True)),
+             ("replknet_31b", args.size, 1, "fp32", FAST_PATHS["replknet_31b"])]
+    for name, size, batch, precision, fast in cases:
+        if args.models and name not in args.models:
+            continue
+        model = active_model(name)
+        count = args.images if size <= 224 else args.large_images
+        images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+        targets = resolve_targets(model, None)
+        work, _ = prepare_model(model, targets, (size, size), **fast)
+        features = _forward_features if not name.startswith("uniconvnet") else _stage4
+        configs = {
+            "bare": lambda: bare_loop(work, images, batch, precision, fast.get("channels_last", False), features),
+            "engine": lambda: measure_erf(work, images, batch_size=batch, precision=precision,
+                                          channels_last=fast.get("channels_last", False)),
+        }
+        print(f"overhead: {name} @{size}, {precision}")
+        times = rounds(configs, args.rounds)
+        bare_wall, eng_wall = (statistics.median(times[k]["wall"]) for k in ("bare", "engine"))
+        over_wall = statistics.median(e / b - 1 for b, e in zip(times["bare"]["wall"], times["engine"]["wall"]))
+        over_cpu = statistics.median(e / b - 1 for b, e in zip(times["bare"]["cpu"], times["engine"]["cpu"]))
+        lines.append(f"| {name} | {size} | {batch} | {precision} | {', '.join(fast)} | {bare_wall:.2f} | "
+                     f"{eng_wall:.2f} | **{100 * over_wall:+.1f} %** | {100 * over_cpu:+.1f} % |")
+    lines += ["", "Both use the model copy made once by `prepare_model` (a `measure_erf` call with fast-path flags "
+              "makes that copy itself: a deep copy, `structural_reparam()` and a BN-folding probe on the meta "
+              "device, a one-off cost per call that is not included here)."]
+    return "\n".join(lines)
+
+
+# --- 4. several targets from one pass --------------------------------------------------------------------------------
+
+
+def cmd_targets(args) -> str:
+    lines = [
+        "## Four stage targets from one pass vs one target (issue 8, benchmark 4)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        "`targets=['stage:0', ..., 'stage:3']` (one forward, one backward per target with the graph kept) against "
+        f"`targets='stage:3'`, same images and settings. Medians of {args.rounds} rounds, ratios within rounds.",
+        "",
+        "| model | input | batch | precision | 4 targets / 1 target (wall) | (CPU) | 4 separate runs / 1 target (CPU, est.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cases = [("resnet50", 224, args.batch_size, "fp32", dict(channels_last=True, fold_bn=True)),
+             ("resnet50", 224, args.batch_size, "bf16", dict(channels_last=True, fold_bn=True)),
+             ("replknet_31b", args.size, 1, "fp32", FAST_PATHS["replknet_31b"]),
+             ("uniconvnet_t", args.size, 1, "fp32", FAST_PATHS["uniconvnet_t"])]
+    for name, size, batch, precision, fast in cases:
+        if args.models and name not in args.models:
+            continue
+        model = active_model(name)
+        count = args.images if size <= 224 else args.large_images
+        images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+        stages = [f"stage:{i}" for i in range(4)]
+        configs = {
+            "one": lambda: measure_erf(model, images, targets="stage:3", batch_size=batch, precision=precision,
+                                       **fast),
+            "four": lambda: measure_erf(model, images, targets=stages, batch_size=batch, precision=precision,
+                                        **fast),
+        }
+        extra = {f"stage:{i} alone": (lambda i=i: measure_erf(model, images, targets=f"stage:{i}", batch_size=batch,
+                                                             precision=precision, **fast)) for i in range(3)}
+        print(f"targets: {name} @{size}, {precision}")
+        times = rounds(configs | extra, args.rounds)
+        wall = statistics.median(f / o for o, f in zip(times["one"]["wall"], times["four"]["wall"]))
+        cpu = statistics.median(f / o for o, f in zip(times["one"]["cpu"], times["four"]["cpu"]))
+        separate = (sum(statistics.median(times[k]["cpu"]) for k in extra) + statistics.median(times["one"]["cpu"])) \
+            / statistics.median(times["one"]["cpu"])
+        lines.append(f"| {name} | {size} | {batch} | {precision} | **{wall:.2f}×** | {cpu:.2f}× | {separate:.2f}× |")
+    return "\n".join(lines)
+
+
+# --- 5. memory -------------------------------------------------------------------------------------------------------
+
+
+def _rss_child(name: str, size: int, batch: int, fast: dict, precision: str) -> None:
+    """Child process: build the model, note the RSS, run one engine batch, print the peak RSS growth."""
+    import resource
+
+    model = active_model(name)
+    work, _ = prepare_model(model, resolve_targets(model, None), (size, size), **fast)
+    del model
+    images = torch.randn(batch, 3, size, size)
+    with open("/proc/self/status") as handle:
+        base = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
+    measure_erf(work, images, batch_size=batch, precision=precision, keep_per_image=False,
+                channels_last=fast.get("channels_last", False))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kib": base, "peak_kib": peak}))
+
+
+def cmd_memory(args) -> str:
+    from erf_tools.memory import auto_batch_size, per_image_memory
+
+    gib = 2.0 ** 30
+    lines = [
+        "## Peak memory per image at 1024 and the automatic batch size (issue 8, benchmark 5)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        "Estimate: `erf_tools.memory.per_image_memory` replays one engine batch on the meta device (fp32) or with "
+        "fake tensors (bf16 autocast) and tracks live tensor storage, for batch 1 and 2 (weights excluded). "
+        "Measured: peak RSS growth of a child process running one real `measure_erf` batch (after building the "
+        "model), batch 1 and 2; per image = the difference.",
+        "",
+        "| model | precision | fast paths | estimate: per image | estimate: fixed | estimate time | "
+        "measured RSS: batch 1 | batch 2 | per image |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    budgets = [16 * 2**30, 80 * 2**30, 141 * 2**30]
+    autos = []
+    for name in args.models or ["uniconvnet_t", "replknet_31b"]:
+        model = active_model(name)
+        for precision, fast in (("fp32", {}), ("fp32", FAST_PATHS.get(name, {})), ("bf16", FAST_PATHS.get(name, {}))):
+            work, _ = prepare_model(model, resolve_targets(model, None), (args.size, args.size), **fast)
+            wall, _, estimate = timed(lambda: per_image_memory(
+                work, args.size, precision=precision, channels_last=fast.get("channels_last", False)))
+            measured = ["–", "–", "–"]
+            if precision == "fp32" and args.measure:
+                peaks = []
+                for batch in (1, 2):
+                    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_erf; "
+                            f"bench_erf._rss_child({name!r}, {args.size}, {batch}, {fast!r}, {precision!r})")
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    data = json.loads(out.stdout.strip().splitlines()[-1])
+                    peaks.append((data["peak_kib"] - data["base_kib"]) * 1024)
+                measured = [f"{peaks[0] / gib:.2f} GiB", f"{peaks[1] / gib:.2f} GiB",
+                            f"{(peaks[1] - peaks[0]) / gib:.2f} GiB"]
+            lines.append(f"| {name} | {precision} | {', '.join(fast) or 'none'} | {estimate.per_image / gib:.2f} GiB | "
+                         f"{estimate.fixed / gib:.2f} GiB | {wall:.1f} s | " + " | ".join(measured) + " |")
+            for budget in budgets:
+                size = auto_batch_size(work, args.size, budget, precision=precision,
+                                       channels_last=fast.get("channels_last", False))
+                autos.append(f"| {name} | {precision} | {', '.join(fast) or 'none'} | {budget / gib:.0f} GiB | {size} |")
+    lines += ["", "`auto_batch_size(model, 1024, budget)` (headroom 0.85):", "",
+              "| model | precision | fast paths | budget | batch size |", "|---|---|---|---|---|", *autos]
+    return "\n".join(lines)
+
+
+# --- profiles --------------------------------------------------------------------------------------------------------
+
+
+def profile_table(fn, rows: int = 12) -> tuple[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall, _, _ = timed(fn)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| operator | self CPU s | share | calls |", "|---|---|---|---|"]
+    for event in events[:rows]:
+        lines.append(f"| `{event.key}` | {event.self_cpu_time_total / 1e6:.2f} | "
+                     f"{100 * event.self_cpu_time_total / total:.1f} % | {event.count} |")
+    return "\n".join(lines), wall
+
+
+def cmd_profile(args) -> str:
+    sections = [
+        "## Where the time goes (torch.profiler, issue 8)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        "Self CPU time per operator for one measurement (after a warm-up call), top rows.",
+    ]
+    cases = {
+        "resnet50 @224, 16 images, batch 1, NCHW fp32 (OpenERF-like)":
+            ("resnet50", 224, 16, dict(batch_size=1, protocol="kim2023")),
+        "resnet50 @224, 16 images, batch 16, channels_last + fold_bn, fp32":
+            ("resnet50", 224, 16, dict(batch_size=16, protocol="kim2023", channels_last=True, fold_bn=True)),
+        "resnet50 @224, 16 images, batch 16, channels_last + fold_bn, bf16":
+            ("resnet50", 224, 16, dict(batch_size=16, protocol="kim2023", channels_last=True, fold_bn=True,
+                                       precision="bf16")),
+        f"replknet_31b @{args.size}, 1 image, NCHW, training-time structure (published settings)":
+            ("replknet_31b", args.size, 1, dict(batch_size=1)),
+        f"replknet_31b @{args.size}, 1 image, {', '.join(FAST_PATHS['replknet_31b'])}":
+            ("replknet_31b", args.size, 1, dict(batch_size=1, **FAST_PATHS["replknet_31b"])),
+        f"uniconvnet_t @{args.size}, 1 image, channels_last + fold_bn":
+            ("uniconvnet_t", args.size, 1, dict(batch_size=1, **FAST_PATHS["uniconvnet_t"])),
+    }
+    for title, (name, size, count, kwargs) in cases.items():
+        if args.models and name not in args.models:
+            continue
+        model = active_model(name)
+        images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+        print(f"profile: {title}")
+        table, wall = profile_table(lambda: measure_erf(model, images, **kwargs))
+        sections += ["", f"### {title}", "", f"{wall:.2f} s wall for {count} image(s) under the profiler.", "", table]
+    return "\n".join(sections)
+
+
+COMMANDS = {"openerf": cmd_openerf, "replknet-loop": cmd_replknet_loop, "overhead": cmd_overhead,
+            "targets": cmd_targets, "memory": cmd_memory, "profile": cmd_profile}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=list(COMMANDS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=None, help="images (default 32 at 224, 4 at 1024)")
+    parser.add_argument("--large-images", type=int, default=2, help="images for the 1024 cases of overhead/targets")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 at 224, 1 at 1024")
+    parser.add_argument("--bf16-batch-size", type=int, default=16, help="openerf: batch of the bf16 run")
+    parser.add_argument("--size", type=int, default=1024, help="input size of the RepLKNet/UniConvNet cases")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--measure", action="store_true", help="memory: also measure peak RSS (slow)")
+    parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
+    parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.images is None:
+        args.images = 4 if args.command == "replknet-loop" else 32
+    if args.batch_size is None:
+        args.batch_size = 1 if args.command == "replknet-loop" else 8
+    if args.command == "replknet-loop" and not args.models:
+        args.models = ["replknet_31b", "uniconvnet_t"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    text = COMMANDS[args.command](args)
+    sections = text if isinstance(text, dict) else {args.command: text}
+    for name, body in sections.items():
+        print(body)
+        if args.write:
+            write_section(name, body)
+
+
+if __name__ == "__main__":
+    main()
