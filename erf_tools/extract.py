@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from erf_tools.images import ImageSource, Preprocessing, iter_inputs, open_image_source, preprocessing_for
 from erf_tools.protocols import ERFOptions, resolve_options
@@ -597,16 +598,98 @@ def prepare_model(
     return work, info
 
 
+#: Operators that act locally on spatial maps (pointwise, convolutions, pools, eval BN, channel concatenation): a
+#: feature map computed only through them depends on a bounded window of the input. Reshapes, reductions over space,
+#: attention, sampling, FFTs and anything else are not in the list, and targets behind them are never cropped.
+_LOCAL_OPERATORS = frozenset({
+    "aten.convolution.default", "aten._native_batch_norm_legit_no_training.default", "aten.native_batch_norm.default",
+    "aten.relu.default", "aten.relu_.default", "aten.gelu.default", "aten.gelu_.default", "aten.silu.default",
+    "aten.silu_.default", "aten.sigmoid.default", "aten.sigmoid_.default", "aten.hardswish.default",
+    "aten.hardswish_.default", "aten.hardsigmoid.default", "aten.hardtanh.default", "aten.hardtanh_.default",
+    "aten.leaky_relu.default", "aten.leaky_relu_.default", "aten.elu.default", "aten.elu_.default",
+    "aten.clamp.default", "aten.clamp_.default", "aten.clamp_min.default", "aten.clamp_min_.default",
+    "aten.threshold.default", "aten.tanh.default", "aten.add.Tensor", "aten.add_.Tensor", "aten.mul.Tensor",
+    "aten.mul_.Tensor", "aten.sub.Tensor", "aten.sub_.Tensor", "aten.div.Tensor", "aten.div_.Tensor",
+    "aten.add.Scalar", "aten.mul.Scalar", "aten.neg.default", "aten.max_pool2d_with_indices.default",
+    "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten._to_copy.default", "aten.clone.default",
+    "aten.copy_.default", "aten.detach.default", "aten.alias.default", "aten.empty_like.default",
+    "aten.zeros_like.default", "aten.empty.memory_format", "aten.cat.default",
+})
+
+
+class _OperatorLog(TorchDispatchMode):
+    """Names of the operators a forward runs, with the position at which each target was produced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.marks: dict[str, int] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, len(self.names))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name == "aten.cat.default":  # concatenation along channels only
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+            name = name if dim in (1, -3) else "aten.cat.default (spatial)"
+        self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def local_until(self, position: int) -> bool:
+        return all(name in _LOCAL_OPERATORS for name in self.names[:position])
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """An input window that contains the whole receptive field of a target's centre unit, and that unit's index
+    in the feature map of the window.
+
+    Why: the backward pass of an early target (ResNet ``layer1`` at 224: a 35-pixel field) costs as much per pixel
+    as that of the last one, but the gradient is zero outside its receptive field. Running the model on the window
+    alone gives the same centre activation and the same gradient when every operator up to the target is local
+    (checked: :data:`_LOCAL_OPERATORS`), the window starts on a multiple of the target's total stride (the
+    sampling grids line up) and its size is congruent to the input size modulo that stride (every layer sees the
+    same size parity, hence the same padding). The window is the field computed from the layers the forward ran,
+    summed over all of them (a bound for every path), plus one stride of margin; on the first batch the engine
+    also computes the full gradient and keeps the window only if the full gradient is zero outside it and equal
+    inside to float rounding.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    unit: tuple[int, int]
+
+
+def _same_gradient(full: torch.Tensor, cropped: torch.Tensor, crop: _Crop) -> bool:
+    """Whether a window's gradient reproduces the full one: zero outside, correlation ≥ 0.9999 inside (float32
+    rounding of other kernel choices stays far above that; a wrong window does not)."""
+    outside = full.clone()
+    outside[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width] = 0
+    if bool(outside.any()):
+        return False
+    a, b = full.double().flatten(), cropped.double().flatten()
+    if not bool(a.any()) and not bool(b.any()):
+        return True
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return denominator > 0 and float(a @ b) / denominator >= 0.9999
+
+
 class _Engine:
     """Holds what stays fixed during one measurement; ``process`` turns one batch into per-sample maps."""
 
-    def __init__(self, model, targets, options, device, precision, channels_last):
+    def __init__(self, model, targets, options, device, precision, channels_last, crop_early_targets=True):
         self.model = model
         self.targets = targets
         self.options = options
         self.device = torch.device(device)
         self.precision = precision
         self.channels_last = channels_last
+        self.crop_early_targets = crop_early_targets
+        self.crops: dict[str, _Crop] = {}
         self.geometry: dict[str, _TargetGeometry] | None = None
 
     def _autocast(self):
@@ -675,31 +758,100 @@ class _Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         input_hw = tuple(x.shape[-2:])
-        log = LayerLog(self.model) if self.geometry is None else None
-        with FeatureCapture(self.model, self.targets) as capture:
-            if log is not None:
-                capture.on_capture = log.mark
-            try:
-                with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(x):
-                    outputs = capture.run(x)
-            finally:
-                if log is not None:
-                    log.close()
-        grids = {t.module_name: to_nchw(outputs[t.module_name], self.model, input_hw, t.layout, t.name)
-                 for t in self.targets}
-        if self.geometry is None:
-            self.geometry = self._geometry(grids, log, input_hw)
-        maps = {}
-        for index, target in enumerate(self.targets):
-            grid = grids[target.module_name]
-            objective = centre_objective(grid, self.geometry[target.module_name].unit, self.options)
-            if not objective.requires_grad:
-                raise RuntimeError(
-                    f"target {target.name!r} does not depend on the input through differentiable operations"
-                )
-            (gradient,) = torch.autograd.grad(objective, x, retain_graph=index < len(self.targets) - 1)
-            maps[target.module_name] = per_sample_maps(gradient.float(), self.options)
-        return maps
+        first = self.geometry is None
+        full_targets = [t for t in self.targets if t.module_name not in self.crops]
+        maps: dict[str, torch.Tensor] = {}
+        candidates: dict[str, _Crop] = {}
+        full_gradients: dict[str, torch.Tensor] = {}
+        if full_targets:
+            log = LayerLog(self.model) if first else None
+            ops = _OperatorLog() if first and self.crop_early_targets else None
+            with FeatureCapture(self.model, full_targets) as capture:
+                if first:
+                    capture.on_capture = lambda name: (log.mark(name), ops.mark(name) if ops is not None else None)
+                try:
+                    with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(x), \
+                            (ops if ops is not None else nullcontext()):
+                        outputs = capture.run(x)
+                finally:
+                    if log is not None:
+                        log.close()
+            grids = {t.module_name: to_nchw(outputs[t.module_name], self.model, input_hw, t.layout, t.name)
+                     for t in full_targets}
+            if first:
+                self.geometry = self._geometry(grids, log, input_hw)
+                if ops is not None:
+                    candidates = self._plan_crops(log, ops, input_hw)
+            for index, target in enumerate(full_targets):
+                grid = grids[target.module_name]
+                objective = centre_objective(grid, self.geometry[target.module_name].unit, self.options)
+                if not objective.requires_grad:
+                    raise RuntimeError(
+                        f"target {target.name!r} does not depend on the input through differentiable operations"
+                    )
+                (gradient,) = torch.autograd.grad(objective, x, retain_graph=index < len(full_targets) - 1)
+                maps[target.module_name] = per_sample_maps(gradient.float(), self.options)
+                if target.module_name in candidates:
+                    full_gradients[target.module_name] = gradient.detach()
+            del grids, outputs
+        for target in self.targets:
+            crop = self.crops.get(target.module_name)
+            if crop is not None:
+                maps[target.module_name] = per_sample_maps(self._cropped_gradient(x, target, crop).float(),
+                                                           self.options)
+        for name, crop in candidates.items():  # first batch: adopt a crop only if it reproduces the full gradient
+            target = next(t for t in self.targets if t.module_name == name)
+            if _same_gradient(full_gradients[name], self._cropped_gradient(x, target, crop), crop):
+                self.crops[name] = crop
+        return {t.module_name: maps[t.module_name] for t in self.targets}
+
+    def _cropped_gradient(self, x: torch.Tensor, target: Target, crop: _Crop) -> torch.Tensor:
+        """The input gradient of ``target``'s centre objective computed on the window ``crop`` of ``x`` only,
+        returned at full size (zero outside the window, where it is exactly zero anyway)."""
+        window = x.detach()[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
+        window = window.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        window.requires_grad_(True)
+        with FeatureCapture(self.model, [target]) as capture:
+            with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(window):
+                output = capture.run(window)[target.module_name]
+        grid = to_nchw(output, self.model, (crop.height, crop.width), target.layout, target.name)
+        objective = centre_objective(grid, crop.unit, self.options)
+        (gradient,) = torch.autograd.grad(objective, window)
+        full = gradient.new_zeros(x.shape)
+        full[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width] = gradient
+        return full
+
+    def _plan_crops(self, log: LayerLog, ops: _OperatorLog, input_hw) -> dict[str, _Crop]:
+        """Windows of the input that contain the whole receptive field of a target's centre unit (see
+        :class:`_Crop`), for targets reached through local operators only and whose window is at most half the
+        input."""
+        crops = {}
+        for target in self.targets:
+            name = target.module_name
+            geometry = self.geometry[name]
+            if name not in ops.marks or not ops.local_until(ops.marks[name]) or geometry.rf_centre is None:
+                continue
+            events = log.events[: log.marks.get(name, len(log.events))]
+            spans = []
+            for axis in (0, 1):
+                stride = geometry.stride[axis]
+                if stride != int(stride) or stride < 1:
+                    break
+                stride, size = int(stride), input_hw[axis]
+                # every spatial layer up to the target widens the field (a sum over all layers bounds every path)
+                extent = 1 + sum((e.kernel[axis] - 1) * e.dilation[axis] * math.ceil(size / e.in_hw[axis])
+                                 for e in events)
+                centre = geometry.rf_centre[axis]
+                low = max(math.floor(centre - (extent - 1) / 2) - stride, 0)
+                high = min(math.ceil(centre + (extent - 1) / 2) + stride, size - 1)
+                origin = low // stride * stride
+                # keep length ≡ size (mod stride): every layer then sees the same size parity (same padding)
+                length = size - (origin + size - high - 1) // stride * stride
+                spans.append((origin, length, geometry.unit[axis] - origin // stride))
+            if len(spans) == 2 and spans[0][1] * spans[1][1] <= 0.5 * input_hw[0] * input_hw[1]:
+                (top, height, row), (left, width, col) = spans
+                crops[name] = _Crop(top, left, height, width, (row, col))
+        return crops
 
     def _geometry(self, grids, log: LayerLog, input_hw) -> dict[str, _TargetGeometry]:
         geometry = {}

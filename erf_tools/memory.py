@@ -142,7 +142,7 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
         replica = _meta_copy(model)
         if channels_last:
             replica = replica.to(memory_format=torch.channels_last)
-        engine = _Engine(replica, resolved, opts, "meta", "fp32", channels_last)
+        engine = _Engine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False)
         tracker = LiveMemoryTracker()
         with _frozen_eval(replica), tracker:
             engine._process(torch.empty(batch_size, 3, *input_hw, device="meta"))
@@ -150,7 +150,7 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
     # autocast only rewrites operators of real device types: replay with fake tensors of the real device
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    engine = _Engine(model, resolved, opts, device, precision, channels_last)
+    engine = _Engine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False)
     restore = _channels_last_in_place(model) if channels_last else nullcontext()
     with restore, _frozen_eval(model), FakeTensorMode(allow_non_fake_inputs=True):
         tracker = LiveMemoryTracker()

@@ -1,0 +1,192 @@
+"""The engine's exact fast paths: each one changes the maps by float rounding only, and only where it is safe.
+
+BN folding, FFT depthwise convolutions, structural re-parameterisation and channels_last act on a private copy of the
+model; early targets are computed on the window of the input that holds their receptive field; under bf16 the stem
+stays float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from erf_tools import measure_erf
+from erf_tools.extract import _Engine, _frozen_eval, fold_batchnorm, prepare_model, use_fft_depthwise
+from erf_tools.protocols import resolve_options
+from erf_tools.targets import resolve_targets
+from erf_tools.weights import activate_branches
+
+
+def assert_close_maps(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
+    assert np.abs(actual - expected).max() <= rel * np.abs(expected).max()
+
+
+class Residual(nn.Module):
+    """conv1 -> bn1 (foldable); conv2's output feeds bn2 *and* the residual sum (not foldable)."""
+
+    erf_target = "out"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y)
+        return self.out(torch.relu(self.bn2(z) + z))
+
+
+def residual() -> nn.Module:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_fold_batchnorm_folds_only_exclusive_conv_bn_pairs():
+    model = residual()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    folded = fold_batchnorm(model, x)
+    assert folded == ["bn1"]  # conv2's output is also read by the residual sum
+    assert isinstance(model.bn1, nn.Identity) and isinstance(model.bn2, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert fold_batchnorm(residual(), x, exclude=["conv1"]) == []  # a target conv keeps its own output
+
+
+def test_fft_depthwise_replaces_only_large_same_padded_depthwise_convs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 13, padding=6, groups=4), nn.Conv2d(4, 4, 5, padding=2, groups=4),
+                          nn.Conv2d(4, 4, 13, padding=6), nn.Conv2d(4, 4, 13, padding=6, groups=4, stride=2))
+    x = torch.randn(2, 4, 40, 40, requires_grad=True)
+    expected = model(x)
+    (expected_grad,) = torch.autograd.grad(expected[:, :, 5, 5].sum(), x)
+    assert use_fft_depthwise(model, 11) == ["0"]
+    out = model(x)
+    (grad,) = torch.autograd.grad(out[:, :, 5, 5].sum(), x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_model_leaves_the_callers_model_alone():
+    model = residual()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    work, info = prepare_model(model, resolve_targets(model, None), (16, 16), fold_bn=True, channels_last=True)
+    assert work is not model and info == {"folded_batchnorms": 1}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+    assert prepare_model(model, resolve_targets(model, None), (16, 16))[0] is model
+
+
+def test_fast_paths_change_the_map_by_rounding_only():
+    model = residual()
+    images = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    reference = measure_erf(model, images, batch_size=3)
+    fast = measure_erf(model, images, batch_size=3, fold_bn=True, channels_last=True)
+    assert_close_maps(fast.map, reference.map)
+    assert fast.timing["engine"]["folded_batchnorms"] == 1 and fast.timing["engine"]["channels_last"]
+
+
+def test_reparameterize_replknet():
+    from erf_tools.models.replknet import RepLKNet
+
+    torch.manual_seed(0)
+    model = RepLKNet(large_kernel_sizes=(13, 11, 9, 7), layers=(1, 1, 1, 1), channels=(8, 16, 16, 16),
+                     small_kernel=5, num_classes=10).eval()
+    activate_branches(model, seed=0)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    reference = measure_erf(model, images, batch_size=2)
+    merged = measure_erf(model, images, batch_size=2, reparameterize=True, fft_depthwise=9)
+    assert merged.timing["engine"]["reparameterized"] and merged.timing["engine"]["fft_depthwise_convs"] == 3
+    assert not model.is_merged  # the caller's model keeps its training-time structure
+    assert_close_maps(merged.map, reference.map, rel=1e-4)
+    with pytest.warns(UserWarning, match="no structural_reparam"):
+        measure_erf(residual(), images[:1], reparameterize=True)
+
+
+# --- early targets on their receptive-field window --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return activate_branches(timm.create_model("resnet18", pretrained=False), seed=1).eval()
+
+
+def _engine(model, targets, **kwargs) -> _Engine:
+    return _Engine(model, resolve_targets(model, targets), resolve_options("replknet"), "cpu", "fp32", False,
+                   **kwargs)
+
+
+def test_early_targets_use_their_window_and_give_the_same_maps(resnet):
+    images = torch.randn(4, 3, 192, 192, generator=torch.Generator().manual_seed(2))
+    targets = ["layer1", "layer2", "layer4"]
+    cropped, full = _engine(resnet, targets), _engine(resnet, targets, crop_early_targets=False)
+    with _frozen_eval(resnet):
+        first = [cropped.process(images[:2]), full.process(images[:2])]  # first batch: full pass + window check
+        second = [cropped.process(images[2:]), full.process(images[2:])]  # then the windows
+    assert set(cropped.crops) == {"layer1", "layer2"} and not full.crops
+    window = cropped.crops["layer1"]
+    assert window.height * window.width < 0.1 * 192 * 192
+    for maps in (first, second):
+        for name in targets:
+            assert_close_maps(maps[0][name].numpy(), maps[1][name].numpy())
+    assert not second[0]["layer1"][:, :window.top].any()  # nothing outside the field
+
+
+def test_a_single_early_target_skips_the_full_pass(resnet):
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    cropped = measure_erf(resnet, images, targets="layer1", batch_size=2)
+    engine = _engine(resnet, "layer1", crop_early_targets=False)
+    with _frozen_eval(resnet):
+        full = torch.cat([engine.process(images[:2])["layer1"], engine.process(images[2:])["layer1"]])
+    assert_close_maps(cropped.map, full.double().mean(0).numpy())
+
+
+class Squeeze(nn.Module):
+    """A global average (squeeze-excitation): the centre unit then depends on every pixel; never cropped."""
+
+    erf_target = "tail"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 4, 3, padding=1)
+        self.tail = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.head(x)
+        return self.tail(y * torch.sigmoid(y.mean((2, 3), keepdim=True)))
+
+
+def test_targets_behind_global_operators_are_not_cropped():
+    torch.manual_seed(0)
+    model = Squeeze().eval()
+    engine = _engine(model, ["head", "tail"])
+    with _frozen_eval(model):
+        engine.process(torch.randn(2, 3, 64, 64))
+    assert "tail" not in engine.crops
+
+
+# --- reduced precision ------------------------------------------------------------------------------------------
+
+
+def test_bf16_keeps_the_stem_in_float32(resnet):
+    dtypes = {}
+    hooks = [resnet.conv1.register_forward_hook(lambda m, a, o: dtypes.setdefault("stem", o.dtype) and None),
+             resnet.layer1[0].conv1.register_forward_hook(lambda m, a, o: dtypes.setdefault("block", o.dtype) and None)]
+    try:
+        result = measure_erf(resnet, torch.randn(2, 3, 64, 64), precision="bf16")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {"stem": torch.float32, "block": torch.bfloat16}
+    assert np.isfinite(result.map).all() and result.map.any()
