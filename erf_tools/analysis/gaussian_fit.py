@@ -20,7 +20,8 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
-from .moments import (argmax_position, covariance_from_ellipse, ellipse_from_covariance, image_moments)
+from .moments import (EllipseSize, argmax_position, covariance_from_ellipse, ellipse_from_covariance,
+                      image_moments)
 
 __all__ = [
     "GaussianFit",
@@ -47,7 +48,7 @@ FAILURE_FLAGS = (
 
 
 @dataclass(frozen=True)
-class GaussianFit:
+class GaussianFit(EllipseSize):
     """Result of :func:`fit_gaussian`. Positions are (y, x) in map pixels; θ in radians from +x towards +y."""
 
     amplitude: float
@@ -74,16 +75,6 @@ class GaussianFit:
     def covariance(self) -> np.ndarray:
         """Fitted Σ ordered ``[[yy, yx], [xy, xx]]``."""
         return covariance_from_ellipse(self.sigma_major, self.sigma_minor, self.theta)
-
-    @property
-    def anisotropy(self) -> float:
-        """σ_major / σ_minor."""
-        return self.sigma_major / self.sigma_minor if self.sigma_minor > 0 else float("inf")
-
-    @property
-    def sigma(self) -> float:
-        """Geometric-mean σ, √(σ_major σ_minor)."""
-        return float(np.sqrt(self.sigma_major * self.sigma_minor))
 
     def evaluate(self, shape: tuple[int, int] | None = None, *, with_offset: bool = True) -> np.ndarray:
         """The fitted model on an (H, W) grid (default: the fitted map's shape)."""

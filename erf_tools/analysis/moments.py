@@ -16,15 +16,11 @@ __all__ = ["Moments", "centre_of_mass", "covariance", "ellipse_from_covariance",
            "image_moments", "argmax_position"]
 
 
-@dataclass(frozen=True)
-class Moments:
-    """First and second moments of a non-negative map (see :func:`image_moments`)."""
+class EllipseSize:
+    """Derived sizes of anything with ``sigma_major`` and ``sigma_minor`` (moment ellipses, fitted Gaussians)."""
 
-    centre: tuple[float, float]
-    covariance: np.ndarray
     sigma_major: float
     sigma_minor: float
-    theta: float
 
     @property
     def anisotropy(self) -> float:
@@ -35,6 +31,17 @@ class Moments:
     def sigma(self) -> float:
         """Geometric-mean σ, √(σ_major σ_minor)."""
         return float(np.sqrt(self.sigma_major * self.sigma_minor))
+
+
+@dataclass(frozen=True)
+class Moments(EllipseSize):
+    """First and second moments of a non-negative map (see :func:`image_moments`)."""
+
+    centre: tuple[float, float]
+    covariance: np.ndarray
+    sigma_major: float
+    sigma_minor: float
+    theta: float
 
 
 def _total(array: np.ndarray) -> float:
