@@ -103,12 +103,17 @@ def test_reparameterize_replknet():
     model = RepLKNet(large_kernel_sizes=(13, 11, 9, 7), layers=(1, 1, 1, 1), channels=(8, 16, 16, 16),
                      small_kernel=5, num_classes=10).eval()
     activate_branches(model, seed=0)
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    reference = measure_erf(model, images, batch_size=2)
-    merged = measure_erf(model, images, batch_size=2, reparameterize=True, fft_depthwise=9)
-    assert merged.timing["engine"]["reparameterized"] and merged.timing["engine"]["fft_depthwise_convs"] == 3
+    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    targets = ["stage:0", "stage:3"]
+    reference = measure_erf(model, images, batch_size=2, targets=targets)
+    merged = measure_erf(model, images, batch_size=2, targets=targets, reparameterize=True, fft_depthwise=9)
+    engine = merged[0].timing["engine"]
+    assert engine["reparameterized"] and engine["fft_depthwise_convs"] == 3
+    # FFT convolutions count as local: the stage-0 field (a 13-px kernel at stride 4) is computed on its window
+    assert engine["windowed_targets"] == ["stages.0"]
     assert not model.is_merged  # the caller's model keeps its training-time structure
-    assert_close_maps(merged.map, reference.map, rel=1e-4)
+    for fast, slow in zip(merged, reference):
+        assert_close_maps(fast.map, slow.map, rel=1e-4)
     with pytest.warns(UserWarning, match="no structural_reparam"):
         measure_erf(residual(), images[:1], reparameterize=True)
 
