@@ -342,15 +342,20 @@ def cmd_replknet_loop(args) -> dict[str, str]:
 
 
 def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool, features) -> None:
-    """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else."""
+    """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else
+    (under reduced precision with the stem in float32, as the engine runs it: a numerical choice, not overhead)."""
+    from erf_tools.extract import _Engine
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    stem = _Engine(model, [], None, "cpu", precision, channels_last)
     with _frozen_eval(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].clone()
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
+                    stem._input_layers_in_fp32(x):
                 f = features(model, x)
             h, w = f.shape[-2:]
             torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2].float()).sum(), x)
@@ -364,9 +369,11 @@ def cmd_overhead(args) -> str:
         f"Machine: {machine()}",
         "",
         "Same model copy (the engine's `prepare_model` output), same preprocessed tensors, batch, precision and "
-        "layout. The bare loop does only the forward to the target and `autograd.grad`; the engine adds the hooks, "
-        "the early stop, the per-sample ReLU/RGB reduction, NaN checks, the exact accumulation and per-image "
-        f"maps. Medians of {args.rounds} rounds.",
+        "layout (bf16: both with the stem in float32). The bare loop does only the forward to the target and "
+        "`autograd.grad`; the engine adds the hooks, the early stop, the first-batch probes (receptive-field "
+        "geometry, operator log), the per-sample ReLU/RGB reduction, NaN checks, the exact accumulation and "
+        f"per-image maps. Medians of {args.rounds} rounds; overheads within rounds. "
+        f"{args.images} images at 224, {args.large_images} at 1024.",
         "",
         "| model | input | batch | precision | fast paths | bare s | engine s | overhead (wall) | overhead (CPU) |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -703,6 +703,8 @@ class _Engine:
         self.channels_last = channels_last
         self.crop_early_targets = crop_early_targets
         self.crops: dict[str, _Crop] = {}
+        #: objective scale under fp16 (see :meth:`_input_gradient`); 1 otherwise (bf16 has float32's range)
+        self.grad_scale = 2.0 ** 12 if precision == "fp16" else 1.0
         self.geometry: dict[str, _TargetGeometry] | None = None
 
     def _autocast(self):
@@ -802,8 +804,8 @@ class _Engine:
                     raise RuntimeError(
                         f"target {target.name!r} does not depend on the input through differentiable operations"
                     )
-                (gradient,) = torch.autograd.grad(objective, x, retain_graph=index < len(full_targets) - 1)
-                maps[target.module_name] = per_sample_maps(gradient.float(), self.options)
+                gradient = self._input_gradient(objective, x, retain_graph=index < len(full_targets) - 1)
+                maps[target.module_name] = per_sample_maps(gradient, self.options)
                 if target.module_name in candidates:
                     full_gradients[target.module_name] = gradient.detach()
             del grids, outputs
@@ -818,6 +820,25 @@ class _Engine:
                 self.crops[name] = crop
         return {t.module_name: maps[t.module_name] for t in self.targets}
 
+    def _input_gradient(self, objective: torch.Tensor, inputs: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+        """∂objective/∂inputs in float32; under fp16 with a scaled objective, so that small gradients do not
+        underflow float16 (its smallest normal is 6e-5, ERF gradients at 1024² are far smaller).
+
+        The maps are positively homogeneous in the gradient (ReLU, abs, sums, means), so dividing by the scale
+        afterwards gives the unscaled maps. On overflow (a non-finite gradient) the scale is divided by 16 and the
+        gradient recomputed from the kept graph; at scale 1 non-finite values are the model's own and are left to
+        the per-image NaN/Inf rejection.
+        """
+        if self.grad_scale == 1.0:
+            (gradient,) = torch.autograd.grad(objective, inputs, retain_graph=retain_graph)
+            return gradient.float()
+        while True:
+            (gradient,) = torch.autograd.grad(objective * self.grad_scale, inputs, retain_graph=True)
+            gradient = gradient.float()
+            if self.grad_scale == 1.0 or bool(torch.isfinite(gradient).all()):
+                return gradient / self.grad_scale
+            self.grad_scale = max(self.grad_scale / 16.0, 1.0)
+
     def _cropped_gradient(self, x: torch.Tensor, target: Target, crop: _Crop) -> torch.Tensor:
         """The input gradient of ``target``'s centre objective computed on the window ``crop`` of ``x`` only,
         returned at full size (zero outside the window, where it is exactly zero anyway)."""
@@ -829,7 +850,7 @@ class _Engine:
                 output = capture.run(window)[target.module_name]
         grid = to_nchw(output, self.model, (crop.height, crop.width), target.layout, target.name)
         objective = centre_objective(grid, crop.unit, self.options)
-        (gradient,) = torch.autograd.grad(objective, window)
+        gradient = self._input_gradient(objective, window, retain_graph=False)
         full = gradient.new_zeros(x.shape)
         full[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width] = gradient
         return full

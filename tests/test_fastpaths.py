@@ -195,3 +195,43 @@ def test_bf16_keeps_the_stem_in_float32(resnet):
             hook.remove()
     assert dtypes == {"stem": torch.float32, "block": torch.bfloat16}
     assert np.isfinite(result.map).all() and result.map.any()
+
+
+class Spread(nn.Module):
+    """Three 31×31 averaging convolutions and a 1×1 gain: the gradient is spread over a 91×91 field whose tails
+    (with gain 1e-3: 1e-12..1e-9 per pixel, as in 1024² ERFs) lie below float16's smallest subnormal; gain 2e3
+    makes the backward pass overflow float16 instead."""
+
+    erf_target = "out"
+
+    def __init__(self, gain: float = 1.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Conv2d(3, 3, 31, padding=15, groups=3, bias=False) for _ in range(3)])
+        for conv in self.body:
+            nn.init.constant_(conv.weight, 1 / 961)
+        self.out = nn.Conv2d(3, 3, 1, bias=False)
+        nn.init.constant_(self.out.weight, gain)
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+@pytest.mark.parametrize("gain", [1e-3, 2e3])
+def test_fp16_gradients_are_scaled_against_underflow_and_backed_off_on_overflow(gain):
+    images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) + 0.5
+    kwargs = dict(protocol="luo2016", input_size=None)
+    reference = measure_erf(Spread(gain), images, **kwargs).map
+    half = measure_erf(Spread(gain), images, precision="fp16", **kwargs).map
+
+    def l1_error(m: np.ndarray) -> float:
+        return float(np.abs(m - reference).sum() / np.abs(reference).sum())
+
+    assert np.isfinite(half).all() and np.count_nonzero(half) == np.count_nonzero(reference) == 91 * 91
+    assert l1_error(half) < 0.05  # CPU float16 kernels accumulate in float16: a few percent
+    if gain < 1:  # without the scale, float16 flushes every gradient of this model to zero
+        model = Spread(gain)
+        engine = _Engine(model, resolve_targets(model, None), resolve_options("luo2016"), "cpu", "fp16", False)
+        engine.grad_scale = 1.0
+        with _frozen_eval(model):
+            unscaled = engine.process(images)["out"].double().numpy()[0]
+        assert l1_error(unscaled) > 0.5
