@@ -83,13 +83,14 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
 def rounds(configs: dict[str, Callable[[], object]], count: int, log=print) -> dict[str, dict]:
     """Run every config once per round, in an order rotated each round; keep all times and the last value."""
     names = list(configs)
-    times = {name: {"wall": [], "cpu": [], "value": None} for name in names}
+    times = {name: {"wall": [], "cpu": [], "steady": [], "value": None} for name in names}
     for index in range(count):
         order = names[index % len(names):] + names[:index % len(names)]
         for name in order:
             wall, cpu, value = timed(configs[name])
             times[name]["wall"].append(wall)
             times[name]["cpu"].append(cpu)
+            times[name]["steady"].append(steady_seconds_per_image(value))
             times[name]["value"] = value
             log(f"  round {index + 1}/{count} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU (load {os.getloadavg()[0]:.1f})")
     return times
@@ -323,6 +324,10 @@ def cmd_replknet_loop(args) -> dict[str, str]:
             label: lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
                                        batch_size=args.batch_size, **fast),
         }
+        bf16_label = f"erf-tools bf16 autocast, batch {args.batch_size}, same fast paths (not exact)"
+        if args.bf16:
+            configs[bf16_label] = lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
+                                                      batch_size=args.batch_size, precision="bf16", **fast)
         print(f"replknet-loop: {name} @1024, {args.images} images, {args.rounds} rounds")
         times = rounds(configs, args.rounds)
         rows = ratio_rows(times, "published loop", args.images)
@@ -331,6 +336,10 @@ def cmd_replknet_loop(args) -> dict[str, str]:
         sections += ["", ratio_table(rows, "published"), "",
                      f"max \\|erf-tools − published\\| / max = "
                      f"{np.abs(ours - reference).max() / reference.max():.2e}; Pearson = {pearson(ours, reference):.8f}"]
+        if args.bf16:
+            half = times[bf16_label]["value"].map
+            sections.append(f"bf16 map vs published: max rel {np.abs(half - reference).max() / reference.max():.2e}; "
+                            f"Pearson = {pearson(half, reference):.6f}")
         if args.check64:
             sections.append(float64_check(model, features, fast, args.check64))
         del model
@@ -343,7 +352,8 @@ def cmd_replknet_loop(args) -> dict[str, str]:
 
 def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool, features) -> None:
     """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else
-    (under reduced precision with the stem in float32, as the engine runs it: a numerical choice, not overhead)."""
+    (under reduced precision with the stem and stride ≤ 8 in float32, as the engine runs it: a numerical choice,
+    not overhead)."""
     from erf_tools.extract import _Engine
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -355,7 +365,7 @@ def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, chan
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
-                    stem._input_layers_in_fp32(x):
+                    stem._high_resolution_in_fp32(x):
                 f = features(model, x)
             h, w = f.shape[-2:]
             torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2].float()).sum(), x)
@@ -369,7 +379,7 @@ def cmd_overhead(args) -> str:
         f"Machine: {machine()}",
         "",
         "Same model copy (the engine's `prepare_model` output), same preprocessed tensors, batch, precision and "
-        "layout (bf16: both with the stem in float32). The bare loop does only the forward to the target and "
+        "layout (bf16: both with the stem and the stages at stride ≤ 8 in float32). The bare loop does only the forward to the target and "
         "`autograd.grad`; the engine adds the hooks, the early stop, the first-batch probes (receptive-field "
         "geometry, operator log), the per-sample ReLU/RGB reduction, NaN checks, the exact accumulation and "
         f"per-image maps. Medians of {args.rounds} rounds; overheads within rounds. "
@@ -420,10 +430,14 @@ def cmd_targets(args) -> str:
         f"Machine: {machine()}",
         "",
         "`targets=['stage:0', ..., 'stage:3']` (one forward, one backward per target with the graph kept) against "
-        f"`targets='stage:3'`, same images and settings. Medians of {args.rounds} rounds, ratios within rounds.",
+        f"`targets='stage:3'`, same images and settings. Medians of {args.rounds} rounds, ratios within rounds. "
+        "*Whole run*: wall time of the whole call. *Steady state*: wall time after the first batch per image "
+        "(`timing['engine']['first_batch_seconds']`): the first batch also runs the one-off probes, and computes "
+        "early targets on the full input to check their receptive-field window before adopting it.",
         "",
-        "| model | input | batch | precision | 4 targets / 1 target (wall) | (CPU) | 4 separate runs / 1 target (CPU, est.) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | input | images | batch | precision | 4 targets / 1 target: whole run (wall) | (CPU) | "
+        "steady state (wall) | 4 separate runs / 1 target (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     cases = [("resnet50", 224, args.batch_size, "fp32", dict(channels_last=True, fold_bn=True)),
              ("resnet50", 224, args.batch_size, "bf16", dict(channels_last=True, fold_bn=True)),
@@ -448,10 +462,23 @@ def cmd_targets(args) -> str:
         times = rounds(configs | extra, args.rounds)
         wall = statistics.median(f / o for o, f in zip(times["one"]["wall"], times["four"]["wall"]))
         cpu = statistics.median(f / o for o, f in zip(times["one"]["cpu"], times["four"]["cpu"]))
+        steady = statistics.median(f / o for o, f in zip(times["one"]["steady"], times["four"]["steady"]))
         separate = (sum(statistics.median(times[k]["cpu"]) for k in extra) + statistics.median(times["one"]["cpu"])) \
             / statistics.median(times["one"]["cpu"])
-        lines.append(f"| {name} | {size} | {batch} | {precision} | **{wall:.2f}×** | {cpu:.2f}× | {separate:.2f}× |")
+        lines.append(f"| {name} | {size} | {count} | {batch} | {precision} | **{wall:.2f}×** | {cpu:.2f}× | "
+                     f"**{steady:.2f}×** | {separate:.2f}× |")
     return "\n".join(lines)
+
+
+def steady_seconds_per_image(result) -> float:
+    """Wall seconds per image after the first batch of a ``measure_erf`` call (nan for anything else, or when the
+    run had a single batch)."""
+    results = result if isinstance(result, list) else [result]
+    if not results or not hasattr(results[0], "timing") or "first_batch_seconds" not in results[0].timing["engine"]:
+        return float("nan")
+    engine, count = results[0].timing["engine"], results[0].num_images
+    rest = count - engine.get("first_batch_images", count)
+    return (results[0].timing["seconds"] - engine["first_batch_seconds"]) / rest if rest else float("nan")
 
 
 # --- 5. memory -------------------------------------------------------------------------------------------------------
@@ -592,6 +619,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--measure", action="store_true", help="memory: also measure peak RSS (slow)")
     parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
+    parser.add_argument("--bf16", action="store_true", help="replknet-loop: also run bf16 autocast")
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -166,6 +166,8 @@ Weights = Annotated[str, typer.Option(
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward/backward pass.", min=1)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
+Fast = Annotated[bool, typer.Option("--fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
+                                    "FFT for depthwise kernels >= 27 (maps change by float rounding only).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 Formats = Annotated[str, typer.Option("--format", "-f", help="Figure formats, comma-separated: png, pdf, svg.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the init, the sample crops and the bootstrap.")]
@@ -190,6 +192,7 @@ def measure(
     batch_size: BatchSize = 2,
     device: Device = "cpu",
     precision: PrecisionOpt = Precision.fp32,
+    fast: Fast = False,
     out: Out = Path("erf-results"),
     format: Formats = "png",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the partial result in --out.")] = False,
@@ -217,7 +220,7 @@ def measure(
             run = runs.run_measure(
                 model, images=images, settings=settings, out=out, formats=formats, scale=scale.value,
                 resume=resume, bootstrap=bootstrap,
-                progress=lambda done, total: bar.update(task, completed=done, total=total), **extra)
+                progress=lambda done, total: bar.update(task, completed=done, total=total), fast=fast, **extra)
     rows = runs.scores_table(run.reports, run.results)
     for result, row in zip(run.results, rows):
         render.report_table(row, f"{result.model} — {result.target} ({result.num_images} images, "
@@ -254,6 +257,7 @@ def compare(
     weights: Weights = "random",
     batch_size: BatchSize = 2,
     device: Device = "cpu",
+    fast: Fast = False,
     seed: Seed = 0,
     bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
 ) -> None:
@@ -279,7 +283,7 @@ def compare(
                 squares=squares, stages=stages, formats=formats, table_format=table_format, table_path=table_out,
                 bootstrap=bootstrap, progress=progress, title=title, images=images, num_images=num_images,
                 input_size=size, full_protocol=full_protocol, protocol=protocol.value, weights=weights,
-                batch_size=batch_size, device=device, seed=seed)
+                batch_size=batch_size, device=device, seed=seed, fast=fast)
     if table is TableFormat.terminal or table_out is not None:
         render.scores_table(run.rows)
     else:

@@ -11,8 +11,8 @@ Performance (issue 8, measured in ``bench/RESULTS.md`` with ``bench/bench_erf.py
 last target; batches amortise per-call overheads; ``channels_last`` gives oneDNN/cuDNN their fast NHWC kernels (and
 makes large depthwise convs on CPU several times faster); ``fold_bn`` removes the memory-bound BatchNorm passes;
 ``reparameterize`` merges RepLKNet's parallel kernels; ``fft_depthwise`` computes very large depthwise kernels by
-FFT; ``precision="bf16"`` autocasts (the stem stays float32). These act on a private copy of the model
-(:func:`prepare_model`) and change the maps by float rounding only, except reduced precision. ``batch_size="auto"``
+FFT; ``precision="bf16"`` autocasts (the stem and the stages at stride ≤ 8 stay float32). These act on a private
+copy of the model (:func:`prepare_model`) and change the maps by float rounding only, except reduced precision. ``batch_size="auto"``
 sizes batches from a meta-device replay of one batch (:mod:`erf_tools.memory`); images are preprocessed in a
 background thread on accelerators; :mod:`erf_tools.distributed` spreads the images over processes.
 """
@@ -42,10 +42,12 @@ from erf_tools.images import ImageSource, Preprocessing, iter_inputs, open_image
 from erf_tools.protocols import ERFOptions, resolve_options
 from erf_tools.receptive_field import LayerLog, path_geometry, unit_centre
 from erf_tools.results import ERFResult, atomic_write_bytes
-from erf_tools.targets import FeatureCapture, Target, centre_unit, resolve_targets, to_nchw
+from erf_tools.targets import FeatureCapture, Target, centre_unit, feature_reductions, resolve_targets, to_nchw
 from erf_tools.weights import WeightsInfo, find_silenced_branches, load_model, warn_if_silenced
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: under reduced precision, the stem and the stages up to this total stride run in float32 (accuracy of the maps)
+FP32_MAX_STRIDE = 8
 
 
 def centre_objective(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions) -> torch.Tensor:
@@ -558,6 +560,21 @@ def use_fft_depthwise(model: nn.Module, min_kernel_size: int, *, exclude: Sequen
     return changed
 
 
+#: smallest depthwise kernel computed by FFT under ``fast=True`` (CPU crossover, ``bench/RESULTS.md``: 27–31 px pay)
+FFT_DEPTHWISE_MIN_KERNEL = 27
+
+
+def exact_fast_paths(model: nn.Module) -> dict[str, Any]:
+    """The fast paths of :func:`prepare_model` that apply to ``model`` (what ``measure_erf(fast=True)`` uses).
+
+    All change the maps by float rounding only: NHWC layout, BN folding, ``structural_reparam()`` where the model
+    has one (RepLKNet), FFTs for depthwise kernels of at least :data:`FFT_DEPTHWISE_MIN_KERNEL` pixels.
+    """
+    return {"channels_last": True, "fold_bn": True,
+            "reparameterize": callable(getattr(model, "structural_reparam", None)),
+            "fft_depthwise": FFT_DEPTHWISE_MIN_KERNEL}
+
+
 def prepare_model(
     model: nn.Module,
     targets: Sequence[Target],
@@ -713,13 +730,17 @@ class _Engine:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _input_layers_in_fp32(self, x: torch.Tensor):
-        """Under reduced precision, run the convolutions that read the input itself (the stem) in float32.
+    def _high_resolution_in_fp32(self, x: torch.Tensor):
+        """Under reduced precision, run the stem and the stages at total stride ≤ ``FP32_MAX_STRIDE`` in float32;
+        autocast starts at the first stage beyond (timm ``feature_info``). Models that declare no stages keep
+        only the convolutions that read the input itself (the stem) in float32.
 
-        Why: the last step of the backward pass, through the stem, produces the input gradient, and the protocols
-        reduce it over RGB with cancellation (Kim et al. average the signed gradient before the clamp), so the
-        bf16 rounding of that step is what the maps feel most. In float32 the stem costs a few percent of the pass
-        and removes about half of the bf16 map error (``bench/RESULTS.md``).
+        Why: the input gradient is made by the last steps of the backward pass, through the high-resolution layers,
+        and the protocols reduce it over RGB with cancellation (Kim et al. average the signed gradient before the
+        clamp), so bf16 rounding there is what the maps feel most. resnet50 @224, Kim protocol, 32 images: Pearson
+        to the fp32 map 0.99789 with only the stem in float32, 0.99928 with stride ≤ 8 in float32, for 23 % more
+        time (``bench/RESULTS.md``); the deep stages, where most of the work of RepLKNet and UniConvNet lies at
+        1024², stay bf16.
         """
         if self.precision == "fp32":
             return nullcontext()
@@ -740,6 +761,13 @@ class _Engine:
         convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
         handles = [m.register_forward_pre_hook(before) for m in convs] + \
                   [m.register_forward_hook(after, always_call=True) for m in convs]
+        outer = torch.is_autocast_enabled(device_type)
+        low_resolution = next((self.model.get_submodule(name) for name, reduction
+                               in feature_reductions(self.model).items() if reduction > FP32_MAX_STRIDE), None)
+        if low_resolution is not None:
+            torch.set_autocast_enabled(device_type, False)
+            handles.append(low_resolution.register_forward_pre_hook(
+                lambda module, args: torch.set_autocast_enabled(device_type, outer)))
 
         @contextmanager
         def scope():
@@ -750,6 +778,7 @@ class _Engine:
                     handle.remove()
                 while states:  # a forward that stopped inside the stem
                     torch.set_autocast_enabled(device_type, states.pop())
+                torch.set_autocast_enabled(device_type, outer)
 
         return scope()
 
@@ -785,7 +814,7 @@ class _Engine:
                 if first:
                     capture.on_capture = lambda name: (log.mark(name), ops.mark(name) if ops is not None else None)
                 try:
-                    with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(x), \
+                    with torch.enable_grad(), self._autocast(), self._high_resolution_in_fp32(x), \
                             (ops if ops is not None else nullcontext()):
                         outputs = capture.run(x)
                 finally:
@@ -846,7 +875,7 @@ class _Engine:
         window = window.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         window.requires_grad_(True)
         with FeatureCapture(self.model, [target]) as capture:
-            with torch.enable_grad(), self._autocast(), self._input_layers_in_fp32(window):
+            with torch.enable_grad(), self._autocast(), self._high_resolution_in_fp32(window):
                 output = capture.run(window)[target.module_name]
         grid = to_nchw(output, self.model, (crop.height, crop.width), target.layout, target.name)
         objective = centre_objective(grid, crop.unit, self.options)
@@ -996,6 +1025,7 @@ def measure_erf(
     memory_budget: int | None = None,
     prefetch: bool | None = None,
     workers: int = 1,
+    fast: bool = False,
     **options: Any,
 ) -> ERFResult | list[ERFResult]:
     """Measure the effective receptive field of ``model`` at one or several target layers.
@@ -1019,6 +1049,8 @@ def measure_erf(
     reparameterize, fold_bn, fft_depthwise: exact fast paths applied to a private copy (see :func:`prepare_model`):
         ``structural_reparam()`` for models that have it (RepLKNet), BN folded into convs, FFTs for depthwise
         convs with kernels of at least ``fft_depthwise`` pixels. Maps change by float rounding only.
+    fast: turn on every one of these exact fast paths that applies to the model (:func:`exact_fast_paths`);
+        the flags above add to it. RepLKNet-31B at 1024: 2.7x the published loop (``bench/RESULTS.md``).
     keep_per_image: keep per-image maps block-summed to at most ``per_image_resolution`` pixels a side (bootstrap).
     progress: called as ``progress(images_done, images_total)`` after each batch.
     partial_path, checkpoint_every, resume: checkpoint the accumulators every ``checkpoint_every`` images to
@@ -1041,7 +1073,7 @@ def measure_erf(
         keep_per_image=keep_per_image, per_image_resolution=per_image_resolution, progress=progress,
         partial_path=partial_path, checkpoint_every=checkpoint_every, resume=resume, shard=shard,
         reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise, memory_budget=memory_budget,
-        prefetch=prefetch, workers=workers, **options)
+        prefetch=prefetch, workers=workers, fast=fast, **options)
     results = measurement.results()
     partial = measurement.partial_path
     if partial is not None and partial.is_file() and shard[1] == 1:
@@ -1059,7 +1091,7 @@ def _measure(
     model, images, *, targets, protocol, batch_size, device, num_images, weights, seed, precision, channels_last,
     keep_per_image, per_image_resolution, progress, partial_path, checkpoint_every, resume, shard,
     reparameterize=False, fold_bn=False, fft_depthwise=None, memory_budget=None, prefetch=None, workers=1,
-    **options,
+    fast=False, **options,
 ) -> Measurement:
     """The extraction loop behind :func:`measure_erf`; returns the accumulators with their context."""
     if precision not in PRECISIONS:
@@ -1086,6 +1118,11 @@ def _measure(
     device = torch.device(device)
     model = model.to(device)
     resolved = resolve_targets(model, targets)
+    if fast:
+        chosen = exact_fast_paths(model)
+        channels_last, fold_bn = channels_last or chosen["channels_last"], fold_bn or chosen["fold_bn"]
+        reparameterize = reparameterize or chosen["reparameterize"]
+        fft_depthwise = fft_depthwise or chosen["fft_depthwise"]
 
     stream, source_description, preprocess = _input_stream(images, model, opts, num_images, seed, shard)
     total_images = source_description["num_images"]
@@ -1126,6 +1163,7 @@ def _measure(
     prefetcher = _Prefetcher(batches, pin_memory=device.type == "cuda") if prefetch else None
     started = time.perf_counter()
     last_saved = done
+    first_batch: tuple[float, int] | None = None  # (seconds, images) of the first batch: probes and window checks
     with contextlib.ExitStack() as stack:
         for engine in engines:
             stack.enter_context(_frozen_eval(engine.model))
@@ -1135,6 +1173,8 @@ def _measure(
                 for name, accumulator in accumulators.items():
                     accumulator.add(maps[name], ids)
                 done += len(ids)
+                if first_batch is None:
+                    first_batch = (time.perf_counter() - started, len(ids))
                 if partial is not None and checkpoint_every and done - last_saved >= checkpoint_every:
                     save_partial(partial, accumulators, done, fingerprint)
                     last_saved = done
@@ -1149,6 +1189,8 @@ def _measure(
             if prefetcher is not None:
                 prefetcher.close()
         elapsed = time.perf_counter() - started
+        if first_batch is not None:
+            engine_info["first_batch_seconds"], engine_info["first_batch_images"] = first_batch
         windowed = sorted({name for e in engines for name in e.crops})
         if windowed:
             engine_info["windowed_targets"] = windowed

@@ -91,7 +91,7 @@ def resolve_targets(
             resolved.append(Target(name=by_identity[id(item)], module_name=by_identity[id(item)]))
         else:
             resolved.append(Target(name=item, module_name=_module_name(model, item, modules)))
-    reductions = _feature_reductions(model)
+    reductions = feature_reductions(model)
     resolved = [Target(t.name, t.module_name, t.layout, reductions.get(t.module_name)) for t in resolved]
     names = [t.module_name for t in resolved]
     if len(set(names)) != len(names):
@@ -99,7 +99,8 @@ def resolve_targets(
     return resolved
 
 
-def _feature_reductions(model: nn.Module) -> dict[str, int]:
+def feature_reductions(model: nn.Module) -> dict[str, int]:
+    """Total stride of every timm ``feature_info`` entry, by module name, in network order (empty without)."""
     info = getattr(model, "feature_info", None)
     if info is None:
         return {}

@@ -85,6 +85,8 @@ def test_measure_erf_with_auto_batch_size(net):
     fixed = measure_erf(net, images, batch_size=4)
     assert auto.timing["engine"]["batch_size"] == 4 and auto.timing["engine"]["auto_batch_size"]
     assert np.array_equal(auto.map, fixed.map)
+    engine = fixed.timing["engine"]  # the first batch (probes, window checks) is timed apart from the steady state
+    assert engine["first_batch_images"] == 4 and 0 < engine["first_batch_seconds"] <= fixed.timing["seconds"]
     capped = measure_erf(net, images[:2], batch_size="auto", memory_budget=2**40)
     assert capped.timing["engine"]["batch_size"] == 2  # never more than the images there are
     with pytest.raises(ValueError, match="batch_size"):

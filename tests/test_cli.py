@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -50,6 +51,20 @@ def test_measure_several_stages_and_formats(tmp_path):
                            "--format", "png,svg", "-o", tmp_path, *SMALL)
     assert code == 0, text
     assert (tmp_path / "test_resnet_stage-0.npz").is_file() and (tmp_path / "test_resnet_stage-3.svg").is_file()
+
+
+def test_measure_fast_records_the_exact_fast_paths_and_matches_the_plain_map(tmp_path):
+    from erf_tools.results import load_result
+
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "--fast", "-o", tmp_path / "fast", *SMALL)
+    assert code == 0, text
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "-o", tmp_path / "plain", *SMALL)
+    assert code == 0, text
+    fast, plain = load_result(tmp_path / "fast" / "test_resnet"), load_result(tmp_path / "plain" / "test_resnet")
+    engine = fast.timing["engine"]
+    assert engine["channels_last"] and engine["folded_batchnorms"] > 0
+    assert "folded_batchnorms" not in plain.timing["engine"]
+    assert np.abs(fast.map - plain.map).max() <= 1e-4 * plain.map.max()
 
 
 def test_unknown_model_suggests_close_names(tmp_path):

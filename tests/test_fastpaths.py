@@ -184,17 +184,45 @@ def test_targets_behind_global_operators_are_not_cropped():
 # --- reduced precision ------------------------------------------------------------------------------------------
 
 
-def test_bf16_keeps_the_stem_in_float32(resnet):
+def test_bf16_keeps_the_stem_and_the_stages_at_stride_8_in_float32(resnet):
+    layers = {"stem": resnet.conv1, "stride 4": resnet.layer1[0].conv1, "stride 8": resnet.layer2[0].conv1,
+              "stride 16": resnet.layer3[0].conv1, "stride 32": resnet.layer4[1].conv2}
     dtypes = {}
-    hooks = [resnet.conv1.register_forward_hook(lambda m, a, o: dtypes.setdefault("stem", o.dtype) and None),
-             resnet.layer1[0].conv1.register_forward_hook(lambda m, a, o: dtypes.setdefault("block", o.dtype) and None)]
+    hooks = [m.register_forward_hook(lambda m, a, o, key=key: dtypes.setdefault(key, o.dtype) and None)
+             for key, m in layers.items()]
     try:
         result = measure_erf(resnet, torch.randn(2, 3, 64, 64), precision="bf16")
+        early = measure_erf(resnet, torch.randn(2, 3, 64, 64), precision="bf16", targets="layer1")
     finally:
         for hook in hooks:
             hook.remove()
-    assert dtypes == {"stem": torch.float32, "block": torch.bfloat16}
-    assert np.isfinite(result.map).all() and result.map.any()
+    assert dtypes == {"stem": torch.float32, "stride 4": torch.float32, "stride 8": torch.float32,
+                      "stride 16": torch.bfloat16, "stride 32": torch.bfloat16}
+    assert not torch.is_autocast_enabled("cpu")  # the switch is undone, also after a forward that stopped early
+    for r in (result, early):
+        assert np.isfinite(r.map).all() and r.map.any()
+
+
+class Plain(nn.Module):
+    """No timm feature_info: only the convolution that reads the input stays float32."""
+
+    erf_target = "second"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_bf16_without_stages_keeps_only_the_stem_in_float32():
+    model = Plain().eval()
+    dtypes = {}
+    for name in ("first", "second"):
+        getattr(model, name).register_forward_hook(lambda m, a, o, key=name: dtypes.setdefault(key, o.dtype) and None)
+    measure_erf(model, torch.randn(1, 3, 32, 32), precision="bf16", protocol="luo2016", input_size=None)
+    assert dtypes == {"first": torch.float32, "second": torch.bfloat16}
 
 
 class Spread(nn.Module):
@@ -235,3 +263,19 @@ def test_fp16_gradients_are_scaled_against_underflow_and_backed_off_on_overflow(
         with _frozen_eval(model):
             unscaled = engine.process(images)["out"].double().numpy()[0]
         assert l1_error(unscaled) > 0.5
+
+
+def test_exact_fast_paths_apply_reparameterisation_only_where_the_model_has_it(resnet):
+    from erf_tools.extract import FFT_DEPTHWISE_MIN_KERNEL, exact_fast_paths
+
+    class Reparameterisable(nn.Module):
+        def structural_reparam(self) -> None:
+            pass
+
+    assert exact_fast_paths(resnet) == {"channels_last": True, "fold_bn": True, "reparameterize": False,
+                                        "fft_depthwise": FFT_DEPTHWISE_MIN_KERNEL}
+    assert exact_fast_paths(Reparameterisable())["reparameterize"] is True
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    plain, fast = measure_erf(resnet, images), measure_erf(resnet, images, fast=True)
+    assert fast.timing["engine"]["channels_last"] and fast.timing["engine"]["folded_batchnorms"] == 20
+    assert np.abs(fast.map - plain.map).max() <= 1e-5 * plain.map.max()
