@@ -4,6 +4,7 @@
     bench/.venv-openerf/bin/python bench/bench_erf.py replknet-loop  # 2. vs the published RepLKNet loop @1024
     bench/.venv-openerf/bin/python bench/bench_erf.py overhead       # 3. engine vs a bare forward + input-gradient
     bench/.venv-openerf/bin/python bench/bench_erf.py targets        # 4. four stage targets vs one
+    bench/.venv-openerf/bin/python bench/bench_erf.py backward-split # 4. its floor: forward and per-target backwards
     bench/.venv-openerf/bin/python bench/bench_erf.py memory         # 5. peak memory per image, auto batch size
     bench/.venv-openerf/bin/python bench/bench_erf.py profile        # where the time goes (torch.profiler)
 
@@ -293,7 +294,7 @@ def _forward_features(model, x):
 FAST_PATHS = {
     "replknet_31b": dict(channels_last=True, reparameterize=True, fold_bn=True, fft_depthwise=27),
     # NHWC saves UniConvNet's permute copies (its DCN works channels-last); workers=2 measured slower (RESULTS.md)
-    "uniconvnet_t": dict(channels_last=True),
+    "uniconvnet_t": dict(channels_last=True, fold_bn=True),
 }
 
 
@@ -481,6 +482,54 @@ def steady_seconds_per_image(result) -> float:
     return (results[0].timing["seconds"] - engine["first_batch_seconds"]) / rest if rest else float("nan")
 
 
+def cmd_backward_split(args) -> str:
+    """Forward to the last stage, then one input-gradient per stage target from that one graph (full input, no
+    windows, the engine's fast-path model copy): the lower bound of any one-forward, one-backward-per-target pass."""
+    lines = [
+        "## Why four targets cost more than 1.6× one: forward and per-target backward times (issue 8, benchmark 4)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        "One forward to stage 3 (`forward_intermediates`, graph kept), then `autograd.grad` of each stage's centre "
+        "objective (ReLU of the centre unit summed over channels) from the same graph, full input, best of "
+        f"{args.rounds}. *Floor* = (F + B3 + B2 + B1 + B0) / (F + B3): what one forward and one backward per target "
+        "costs relative to one target, whatever the implementation; the engine only improves on it where an early "
+        "target's receptive field fits a window of the input.",
+        "",
+        "| model | input | batch | F s | B3 s | B2 s | B1 s | B0 s | floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = [("resnet50", 224, args.batch_size, dict(channels_last=True, fold_bn=True)),
+             ("replknet_31b", args.size, 1, FAST_PATHS["replknet_31b"]),
+             ("uniconvnet_t", args.size, 1, FAST_PATHS["uniconvnet_t"])]
+    for name, size, batch, fast in cases:
+        if args.models and name not in args.models:
+            continue
+        model = active_model(name)
+        work, _ = prepare_model(model, resolve_targets(model, [f"stage:{i}" for i in range(4)]), (size, size), **fast)
+        best: dict[str, float] = {}
+        print(f"backward-split: {name} @{size}")
+        with _frozen_eval(work):
+            for _ in range(args.rounds):
+                x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                wall, _, feats = timed(lambda: work.forward_intermediates(
+                    x, indices=[0, 1, 2, 3], stop_early=True, intermediates_only=True))
+                best["F"] = min(best.get("F", wall), wall)
+                for k in (3, 2, 1, 0):
+                    f = feats[k]
+                    h, w = f.shape[-2:]
+                    objective = torch.relu(f[:, :, h // 2, w // 2]).sum()
+                    wall, _, _ = timed(lambda: torch.autograd.grad(objective, x, retain_graph=k > 0))
+                    best[f"B{k}"] = min(best.get(f"B{k}", wall), wall)
+                del feats
+        floor = (best["F"] + sum(best[f"B{k}"] for k in range(4))) / (best["F"] + best["B3"])
+        lines.append(f"| {name} | {size} | {batch} | " + " | ".join(f"{best[k]:.2f}" for k in
+                     ("F", "B3", "B2", "B1", "B0")) + f" | **{floor:.2f}×** |")
+    return "\n".join(lines)
+
+
 # --- 5. memory -------------------------------------------------------------------------------------------------------
 
 
@@ -603,7 +652,7 @@ def cmd_profile(args) -> str:
 
 
 COMMANDS = {"openerf": cmd_openerf, "replknet-loop": cmd_replknet_loop, "overhead": cmd_overhead,
-            "targets": cmd_targets, "memory": cmd_memory, "profile": cmd_profile}
+            "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile}
 
 
 def main(argv=None) -> None:

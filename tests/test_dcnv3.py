@@ -96,6 +96,20 @@ def test_core_float32_matches_float64_loop():
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_reduced_precision_samples_at_float32_positions(under_autocast):
+    """bf16 inputs (or bf16 autocast) on a 200-pixel-wide map: positions stay float32 (bf16 would round x≈200 to a
+    multiple of 1 px); the result is the float32 core on the same rounded inputs, cast to bf16."""
+    value, offset, mask = (t.to(torch.bfloat16) for t in
+                           _inputs(n=1, height=4, width=200, group=2, group_channels=4, offset_std=0.3, seed=5))
+    exact = dcnv3_core(value.float(), offset.float(), mask.float(), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+        ours = dcnv3_core(value, offset, mask, 2) if not under_autocast else \
+            dcnv3_core(value.float(), offset.float(), mask.float(), 2)
+    assert ours.dtype == (torch.float32 if under_autocast else torch.bfloat16)
+    torch.testing.assert_close(ours.float(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+
+
 def test_zero_offsets_are_a_masked_3x3_conv():
     """With zero offsets the core is a per-group 3x3 filter whose taps are the mask (dx outer, dy inner)."""
     value, _, mask = _inputs(n=1, height=5, width=5, group=1, group_channels=2, seed=4)
