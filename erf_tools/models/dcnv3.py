@@ -24,6 +24,7 @@ official checkpoints load strictly.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +72,12 @@ def dcnv3_core(
     if kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
     reduced = (torch.float16, torch.bfloat16)
-    if torch.is_autocast_enabled(value.device.type) or any(t.dtype in reduced for t in (value, offset, mask)):
+    device_type = value.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast or any(t.dtype in reduced for t in (value, offset, mask)):
         # Sampling positions in float32 whatever the autocast: in bf16 a coordinate of 256 has a resolution of 2 px
         # (UniConvNet's stage-0 maps at 1024² input), which turns the bilinear samples into noise.
-        with torch.autocast(value.device.type, enabled=False):
+        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
             out = dcnv3_core(value.float(), offset.float(), mask.float(), group, kernel_size, stride, pad, dilation,
                              offset_scale)
         return out.to(value.dtype)
