@@ -133,7 +133,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, channels_last, device, options):
     from erf_tools.extract import _Engine, _frozen_eval
     from erf_tools.protocols import resolve_options
-    from erf_tools.targets import resolve_targets
+    from erf_tools.targets import TargetError, resolve_targets
 
     opts = resolve_options(protocol, **options)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -144,10 +144,14 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
             replica = replica.to(memory_format=torch.channels_last)
         engine = _Engine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False)
         tracker = LiveMemoryTracker()
-        with _frozen_eval(replica), tracker:
-            engine._process(torch.empty(batch_size, 3, *input_hw, device="meta"))
-        return tracker.peak, "meta"
-    # autocast only rewrites operators of real device types: replay with fake tensors of the real device
+        try:
+            with _frozen_eval(replica), tracker:
+                engine._process(torch.empty(batch_size, 3, *input_hw, device="meta"))
+            return tracker.peak, "meta"
+        except (RuntimeError, NotImplementedError, TargetError):
+            pass  # an operator without a meta kernel (complex FFTs of the FFT depthwise path): fake tensors below
+    # autocast only rewrites operators of real device types, and some operators have no meta kernel: replay with
+    # fake tensors of the real device
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     engine = _Engine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False)

@@ -91,3 +91,15 @@ def test_measure_erf_with_auto_batch_size(net):
     assert capped.timing["engine"]["batch_size"] == 2  # never more than the images there are
     with pytest.raises(ValueError, match="batch_size"):
         measure_erf(net, images, batch_size="big")
+
+
+def test_estimate_falls_back_to_fake_tensors_for_operators_without_meta_kernels():
+    """FFT depthwise convs (complex FFTs) have no meta kernels: the fp32 estimate replays with fake tensors."""
+    from erf_tools.extract import use_fft_depthwise
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 31, padding=15, groups=8)).eval()
+    model.erf_target = "1"
+    direct = per_image_memory(model, 64)
+    assert use_fft_depthwise(model, 27) == ["1"]
+    fft = per_image_memory(model, 64)
+    assert direct.per_image > 0 and fft.per_image > 0
