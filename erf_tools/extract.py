@@ -11,10 +11,11 @@ Performance (issue 8, measured in ``bench/RESULTS.md`` with ``bench/bench_erf.py
 last target; batches amortise per-call overheads; ``channels_last`` gives oneDNN/cuDNN their fast NHWC kernels (and
 makes large depthwise convs on CPU several times faster); ``fold_bn`` removes the memory-bound BatchNorm passes;
 ``reparameterize`` merges RepLKNet's parallel kernels; ``fft_depthwise`` computes very large depthwise kernels by
-FFT; ``precision="bf16"`` autocasts (the stem and the stages at stride ≤ 8 stay float32). These act on a private
-copy of the model (:func:`prepare_model`) and change the maps by float rounding only, except reduced precision. ``batch_size="auto"``
-sizes batches from a meta-device replay of one batch (:mod:`erf_tools.memory`); images are preprocessed in a
-background thread on accelerators; :mod:`erf_tools.distributed` spreads the images over processes.
+FFT (``fast=True`` turns on all of these); ``precision="bf16"`` autocasts (the stem and the stages at stride ≤ 8
+stay float32). These act on a private copy of the model (:func:`prepare_model`) and change the maps by float
+rounding only, except reduced precision. ``batch_size="auto"`` sizes batches from a meta-device replay of one batch
+(:mod:`erf_tools.memory`); images are preprocessed in a background thread on accelerators;
+:mod:`erf_tools.distributed` spreads the images over processes.
 """
 from __future__ import annotations
 
