@@ -292,10 +292,26 @@ def _forward_features(model, x):
 
 
 FAST_PATHS = {
+    "resnet50": dict(channels_last=True, fold_bn=True),
     "replknet_31b": dict(channels_last=True, reparameterize=True, fold_bn=True, fft_depthwise=27),
     # NHWC saves UniConvNet's permute copies (its DCN works channels-last); workers=2 measured slower (RESULTS.md)
     "uniconvnet_t": dict(channels_last=True, fold_bn=True),
 }
+
+
+def engine_cases(args, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[tuple[str, int, int, str, dict]]:
+    """(model, input size, batch, precision, fast paths) of the engine benchmarks (overhead, targets,
+    backward-split): resnet50 @224 at ``--batch-size`` in each of ``precisions``, RepLKNet-31B and UniConvNet-T at
+    ``--size``, batch 1, fp32; less the models ``--models`` leaves out."""
+    cases = [("resnet50", 224, args.batch_size, precision, FAST_PATHS["resnet50"]) for precision in precisions]
+    cases += [(name, args.size, 1, "fp32", FAST_PATHS[name]) for name in ("replknet_31b", "uniconvnet_t")]
+    return [case for case in cases if not args.models or case[0] in args.models]
+
+
+def case_inputs(args, name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The active-init model and the seeded noise images of a case (``--images`` at 224, ``--large-images`` above)."""
+    count = args.images if size <= 224 else args.large_images
+    return active_model(name), torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def cmd_replknet_loop(args) -> dict[str, str]:
@@ -389,16 +405,8 @@ def cmd_overhead(args) -> str:
         "| model | input | batch | precision | fast paths | bare s | engine s | overhead (wall) | overhead (CPU) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cases = [("resnet50", 224, args.batch_size, "fp32", dict(channels_last=True, fold_bn=True)),
-             ("resnet50", 224, args.batch_size, "bf16", dict(channels_last=True, fold_bn=True)),
-             ("uniconvnet_t", args.size, 1, "fp32", dict(channels_last=True, fold_bn=True)),
-             ("replknet_31b", args.size, 1, "fp32", FAST_PATHS["replknet_31b"])]
-    for name, size, batch, precision, fast in cases:
-        if args.models and name not in args.models:
-            continue
-        model = active_model(name)
-        count = args.images if size <= 224 else args.large_images
-        images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name, size, batch, precision, fast in engine_cases(args):
+        model, images = case_inputs(args, name, size)
         targets = resolve_targets(model, None)
         work, _ = prepare_model(model, targets, (size, size), **fast)
         features = _forward_features if not name.startswith("uniconvnet") else _stage4
@@ -440,16 +448,9 @@ def cmd_targets(args) -> str:
         "steady state (wall) | 4 separate runs / 1 target (CPU) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cases = [("resnet50", 224, args.batch_size, "fp32", dict(channels_last=True, fold_bn=True)),
-             ("resnet50", 224, args.batch_size, "bf16", dict(channels_last=True, fold_bn=True)),
-             ("replknet_31b", args.size, 1, "fp32", FAST_PATHS["replknet_31b"]),
-             ("uniconvnet_t", args.size, 1, "fp32", FAST_PATHS["uniconvnet_t"])]
-    for name, size, batch, precision, fast in cases:
-        if args.models and name not in args.models:
-            continue
-        model = active_model(name)
-        count = args.images if size <= 224 else args.large_images
-        images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name, size, batch, precision, fast in engine_cases(args):
+        model, images = case_inputs(args, name, size)
+        count = images.shape[0]
         stages = [f"stage:{i}" for i in range(4)]
         configs = {
             "one": lambda: measure_erf(model, images, targets="stage:3", batch_size=batch, precision=precision,
@@ -500,12 +501,7 @@ def cmd_backward_split(args) -> str:
         "| model | input | batch | F s | B3 s | B2 s | B1 s | B0 s | floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cases = [("resnet50", 224, args.batch_size, dict(channels_last=True, fold_bn=True)),
-             ("replknet_31b", args.size, 1, FAST_PATHS["replknet_31b"]),
-             ("uniconvnet_t", args.size, 1, FAST_PATHS["uniconvnet_t"])]
-    for name, size, batch, fast in cases:
-        if args.models and name not in args.models:
-            continue
+    for name, size, batch, _precision, fast in engine_cases(args, precisions=("fp32",)):
         model = active_model(name)
         work, _ = prepare_model(model, resolve_targets(model, [f"stage:{i}" for i in range(4)]), (size, size), **fast)
         best: dict[str, float] = {}
