@@ -49,7 +49,8 @@ import timm  # noqa: E402
 
 import erf_tools  # noqa: E402,F401  (registers the model families)
 from erf_tools import measure_erf  # noqa: E402
-from erf_tools.extract import _frozen_eval, prepare_model  # noqa: E402
+from erf_tools.engine.engine import frozen_eval  # noqa: E402
+from erf_tools.engine.fastpaths import prepare_model  # noqa: E402
 from erf_tools.targets import resolve_targets  # noqa: E402
 from erf_tools.weights import activate_branches  # noqa: E402
 
@@ -260,7 +261,7 @@ def float64_check(model, features, fast: dict, size: int) -> str:
 
     def plain(module, dtype, x):
         xb = x.to(dtype).clone().requires_grad_(True)
-        with _frozen_eval(module):
+        with frozen_eval(module):
             f = features(module, xb)
             h, w = f.shape[-2:]
             (g,) = torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2]).sum(), xb)
@@ -371,11 +372,11 @@ def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, chan
     """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else
     (under reduced precision with the stem and stride ≤ 8 in float32, as the engine runs it: a numerical choice,
     not overhead)."""
-    from erf_tools.extract import _Engine
+    from erf_tools.engine.engine import ERFEngine
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    stem = _Engine(model, [], None, "cpu", precision, channels_last)
-    with _frozen_eval(model):
+    stem = ERFEngine(model, [], None, "cpu", precision, channels_last)
+    with frozen_eval(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].clone()
             if channels_last:
@@ -506,7 +507,7 @@ def cmd_backward_split(args) -> str:
         work, _ = prepare_model(model, resolve_targets(model, [f"stage:{i}" for i in range(4)]), (size, size), **fast)
         best: dict[str, float] = {}
         print(f"backward-split: {name} @{size}")
-        with _frozen_eval(work):
+        with frozen_eval(work):
             for _ in range(args.rounds):
                 x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
                 x.requires_grad_(True)
@@ -546,7 +547,7 @@ def _rss_child(name: str, size: int, batch: int, fast: dict, precision: str) -> 
 
 
 def cmd_memory(args) -> str:
-    from erf_tools.memory import auto_batch_size, per_image_memory
+    from erf_tools.engine.memory import auto_batch_size, per_image_memory
 
     gib = 2.0 ** 30
     lines = [
@@ -555,7 +556,7 @@ def cmd_memory(args) -> str:
         f"Command: `{command_line()}`  ",
         f"Machine: {machine()}",
         "",
-        "Estimate: `erf_tools.memory.per_image_memory` replays one engine batch on the meta device (fp32) or with "
+        "Estimate: `erf_tools.engine.memory.per_image_memory` replays one engine batch on the meta device (fp32) or with "
         "fake tensors (bf16 autocast) and tracks live tensor storage, for batch 1 and 2 (weights excluded). "
         "Measured: peak RSS growth of a child process running one real `measure_erf` batch (after building the "
         "model), batch 1 and 2; per image = the difference.",

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from erf_tools.models.parc import FFT_MIN_LENGTH, ParC
+from erf_tools.layers.parc import FFT_MIN_LENGTH, ParC
 
 DEPTHWISE_CHANNELS = (96, 192, 384)
 DENSE_CHANNELS = (128, 256)

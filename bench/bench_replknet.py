@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 import erf_tools.models  # noqa: E402,F401  (registers replknet_31b)
-from erf_tools.models.replknet import fft_depthwise_conv2d  # noqa: E402
+from erf_tools.layers.fft_conv import fft_depthwise_conv2d  # noqa: E402
 
 MODES = ("unmerged", "merged", "merged+fft", "unmerged+fft")
 

@@ -1,7 +1,7 @@
 """UniConvNet-T forward + input gradient on CPU, and where the time goes (RFA, DCN, DCN core, MLP).
 
 Why: an ERF measurement is one forward and one input-gradient pass per image, and UniConvNet's DCNv3 has no CPU
-kernel upstream; ours samples with ``F.grid_sample`` (erf_tools/models/dcnv3.py). This checks that the DCN core does
+kernel upstream; ours samples with ``F.grid_sample`` (erf_tools/layers/dcnv3.py). This checks that the DCN core does
 not dominate a block, at the two input sizes the ERF protocols use (224 and RepLKNet's 1024).
 
 Setup: ``uniconvnet_t`` with the all-branches-active init (``activate_branches``; at the official init the DCN mask
@@ -33,8 +33,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import erf_tools.models.dcnv3 as dcnv3_module  # noqa: E402
-from erf_tools.models.dcnv3 import DCNv3  # noqa: E402
+import erf_tools.layers.dcnv3 as dcnv3_module  # noqa: E402
+from erf_tools.layers.dcnv3 import DCNv3  # noqa: E402
 from erf_tools.models.uniconvnet import ReceptiveFieldAggregator  # noqa: E402
 from erf_tools.weights import activate_branches  # noqa: E402
 

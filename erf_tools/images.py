@@ -24,6 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+#: Image sources that are generated or bundled rather than read from a folder.
+IMAGE_SOURCE_NAMES = ("sample", "noise")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Photographs bundled with scikit-image (RGB first, then greyscale ones converted to RGB).

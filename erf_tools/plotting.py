@@ -16,7 +16,7 @@ meaningful within one model and protocol). Then ``scale`` maps values to colours
 * ``"linear"``: linear in the normalised value;
 * ``"log"``: logarithmic over ``log_decades`` decades below the shared maximum (values below are drawn at the floor
   colour). This is not RepLKNet's log10(M + 1) transform, which depends on the absolute gradient magnitude
-  (``specs/erf-protocols.md`` §2) and is a no-op for small values;
+  (Ding et al. 2022, ``erf/analyze_erf.py``) and is a no-op for small values;
 * ``"power"``: value^0.25, as VMamba's ERF figures (``gamma`` changes the exponent).
 
 Every figure carries a caption line with the protocol, input size, image count and weight source of its maps

@@ -1,6 +1,6 @@
 """ERF protocols as data: every choice a published protocol makes is one field of :class:`ERFOptions`.
 
-Presets (see ``specs/erf-protocols.md``):
+Presets:
 
 * ``replknet`` (Ding et al. 2022, ``erf/visualize_erf.py``): S = Σ_c ReLU(F[c, h//2, w//2]); map = Σ_RGB ReLU(∂S/∂x);
   mean over valid images; no normalisation; 1024×1024 bicubic warp resize, ImageNet mean/std.

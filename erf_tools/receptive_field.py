@@ -1,4 +1,7 @@
-"""Where a feature-map unit's receptive field is centred in the input (``specs/erf-protocols.md`` §8).
+"""Where a feature-map unit's receptive field is centred in the input.
+
+Receptive-field arithmetic as in Araujo, Norris & Sim, "Computing Receptive Fields of Convolutional Neural
+Networks", Distill 2019.
 
 For a path of layers (k_l, s_l, p_l, d_l), unit i of the output is centred at c0 + i·S in input pixels, with
 S = Π s_l and c0 = Σ_l (−p_l + d_l(k_l−1)/2)·Π_{m<l} s_m. Padded CNNs (c0 = 0) put the centre unit of a 7×7 map
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from erf_tools.layers.helpers import as_pair
+
 _SPATIAL_TYPES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
@@ -28,10 +33,6 @@ class LayerEvent:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class LayerLog:
@@ -56,10 +57,10 @@ class LayerLog:
             LayerEvent(
                 in_hw=tuple(args[0].shape[-2:]),
                 out_hw=tuple(output.shape[-2:]),
-                kernel=_pair(module.kernel_size),
-                stride=_pair(module.stride),
-                padding=_pair(padding),
-                dilation=_pair(dilation),
+                kernel=as_pair(module.kernel_size),
+                stride=as_pair(module.stride),
+                padding=as_pair(padding),
+                dilation=as_pair(dilation),
             )
         )
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import MISSING as _MISSING
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SCHEMA_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class ResultFileError(ValueError):
@@ -90,19 +88,30 @@ def result_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path`` and move it into place atomically."""
+    """Call ``write(file_object)`` on a temporary file beside ``path`` and move it into place atomically.
+
+    The temporary file is created with mode 0o666, so the process umask gives it the permissions of any ordinary
+    file (``tempfile.mkstemp`` would make it owner-only).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {str(path)!r}")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -155,12 +164,3 @@ def load_result(path: str | Path) -> ERFResult:
         if values.get(name) is not None:
             values[name] = tuple(values[name])
     return ERFResult(map=arrays["map"], per_image_maps=arrays.get("per_image_maps"), **values)
-
-
-
-def result_to_dict(result: ERFResult) -> dict[str, Any]:
-    """Metadata plus arrays as nested lists (small maps only; for notebooks and JSON export)."""
-    data = asdict(result)
-    data["map"] = np.asarray(result.map).tolist()
-    data["per_image_maps"] = None if result.per_image_maps is None else np.asarray(result.per_image_maps).tolist()
-    return data

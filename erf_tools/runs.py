@@ -1,6 +1,7 @@
-"""One function per ``erf`` command: measure, analyze, compare, models. Usable from notebooks and scripts.
+"""The command workflows: measure, analyze, compare, one function each. Usable from notebooks and scripts.
 
-The CLI (:mod:`erf_tools.cli.app`) only parses arguments, calls one of these and renders what it returns. Each
+The CLI (:mod:`erf_tools.cli.app`) only parses arguments, calls one of these (or :mod:`erf_tools.catalogue` for
+``erf models``) and renders what it returns; score tables are :mod:`erf_tools.tables`. Each
 function writes its files atomically into an output folder and returns a small dataclass naming them.
 
 Quick and full settings
@@ -13,29 +14,24 @@ count it was made with, and every figure states them.
 """
 from __future__ import annotations
 
-import csv
-import importlib
-import importlib.util
-import io
 import json
-import math
 import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from erf_tools.catalogue import check_model_name, stage_targets
+from erf_tools.engine.measure import MeasureConfig, measure_with_config
+from erf_tools.images import IMAGE_SOURCE_NAMES
 from erf_tools.protocols import PRESETS
 from erf_tools.results import ERFResult, ResultFileError, atomic_write_bytes, load_result, result_paths, save_result
+from erf_tools.tables import scores_table, table_format_from_suffix, write_table
 
 __all__ = [
-    "QUICK_SETTINGS", "FULL_PROTOCOL_SETTINGS", "TABLE_FORMATS", "MeasureSettings", "MeasureRun", "AnalyzeRun",
+    "QUICK_SETTINGS", "FULL_PROTOCOL_SETTINGS", "COMMAND_BOOTSTRAP", "MeasureSettings", "MeasureRun", "AnalyzeRun",
     "CompareRun", "MeasurementInterrupted", "measure_settings", "run_measure", "run_analyze", "run_compare",
-    "models_table", "scores_table", "score_row", "format_table", "write_table", "stage_targets", "import_modules",
     "save_report", "load_report_dict",
 ]
 
@@ -43,7 +39,6 @@ __all__ = [
 QUICK_SETTINGS = {"input_size": 512, "num_images": 8}
 #: ``--full-protocol``: the preset's own input size and RepLKNet's 50 images.
 FULL_PROTOCOL_SETTINGS = {"num_images": 50}
-TABLE_FORMATS = ("terminal", "markdown", "csv", "json")
 #: Bootstrap resamples used by the commands (the library default of :func:`erf_tools.analysis.analyze` is larger).
 COMMAND_BOOTSTRAP = 100
 
@@ -69,7 +64,7 @@ class MeasureSettings:
     images: str
     weights: str
     targets: tuple[str, ...] | None
-    batch_size: int
+    batch_size: int | str  # or "auto"
     device: str
     precision: str
     seed: int
@@ -85,6 +80,18 @@ class MeasureSettings:
                 f"{self.device} {self.precision} · seed {self.seed}")
         return text
 
+    def measure_config(self, **changes: Any) -> MeasureConfig:
+        """The engine settings of this measurement (``changes``: further :class:`MeasureConfig` fields or ERF
+        options, e.g. ``partial_path``, ``resume``, ``fast=True``, ``gradient="abs"``)."""
+        config = MeasureConfig(
+            targets=list(self.targets) if self.targets else None, protocol=self.protocol, batch_size=self.batch_size,
+            device=self.device, num_images=self.num_images, weights=self.weights, seed=self.seed,
+            precision=self.precision, checkpoint_every=self.batch_size if isinstance(self.batch_size, int) else 1,
+            options={"input_size": self.input_size})
+        extra = MeasureConfig.from_keywords(**changes)
+        given = {name: getattr(extra, name) for name in changes if name in MeasureConfig.__dataclass_fields__}
+        return config.replace(**given, options=extra.options)
+
 
 def measure_settings(
     model: str,
@@ -95,7 +102,7 @@ def measure_settings(
     images: str = "sample",
     weights: str = "random",
     targets: Sequence[str] | None = None,
-    batch_size: int = 2,
+    batch_size: int | str = 2,
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
@@ -118,8 +125,8 @@ def measure_settings(
         raise ValueError(f"input size {input_size} is too small; give at least 8 px (32 or more for most models)")
     if num_images < 1:
         raise ValueError(f"the number of images must be at least 1, got {num_images}")
-    if batch_size < 1:
-        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"the batch size must be a positive integer or 'auto', got {batch_size!r}")
     if str(device).startswith("cuda"):
         import torch
 
@@ -127,16 +134,8 @@ def measure_settings(
             raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=int(num_images),
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
-                           batch_size=int(batch_size), device=str(device), precision=str(precision), seed=int(seed),
+                           batch_size=batch_size, device=str(device), precision=str(precision), seed=int(seed),
                            full_protocol=bool(full_protocol), quick=quick)
-
-
-def check_model_name(model: str) -> None:
-    """Raise :class:`~erf_tools.weights.UnknownModelError` (with the closest names) unless ``model`` is registered."""
-    from erf_tools.weights import load_model, model_names
-
-    if model.split(".", 1)[0] not in model_names():
-        load_model(model)  # raises UnknownModelError naming the closest registered names
 
 
 @dataclass
@@ -174,29 +173,6 @@ def partial_path_for(out: str | Path, settings: MeasureSettings) -> Path:
     """Where the resumable partial result of a measurement lives in ``out``."""
     suffix = "" if settings.targets is None else "_" + _TARGET_SLUG.sub("-", "+".join(settings.targets))
     return Path(out) / f"{output_stem(settings.model, None)}{suffix}.partial.npz"
-
-
-def stage_targets(model: str) -> list[str]:
-    """``stage:0`` … ``stage:N-1`` for every stage of ``model`` (read from its timm ``feature_info`` on the meta
-    device, so nothing is allocated)."""
-    import timm
-    import torch
-
-    from erf_tools.targets import TargetError, resolve_targets
-
-    check_model_name(model)
-    with torch.device("meta"):
-        module = timm.create_model(model, pretrained=False)
-    found = []
-    for index in range(16):
-        try:
-            resolve_targets(module, f"stage:{index}")
-        except TargetError:
-            break
-        found.append(f"stage:{index}")
-    if not found:
-        raise ValueError(f"{model} declares no stages (no timm feature_info); give the targets by module name")
-    return found
 
 
 def save_report(report: Any, path: str | Path) -> Path:
@@ -276,8 +252,6 @@ def run_measure(
     >>> run = run_measure("resnet18", input_size=64, num_images=2, out=tmp_path)   # doctest: +SKIP
     >>> run.report.agd_score                                                        # doctest: +SKIP
     """
-    from erf_tools.extract import measure_erf
-
     settings = settings or measure_settings(
         model, protocol=protocol, input_size=input_size, num_images=num_images, images=str(images), weights=weights,
         targets=targets, batch_size=batch_size, device=device, precision=precision, seed=seed,
@@ -297,13 +271,10 @@ def run_measure(
 
     started = time.perf_counter()
     try:
-        measured = measure_erf(
-            settings.model, images if not isinstance(images, str) or images in ("sample", "noise") else Path(images),
-            targets=list(settings.targets) if settings.targets else None, protocol=settings.protocol,
-            batch_size=settings.batch_size, device=settings.device, num_images=settings.num_images,
-            weights=settings.weights, seed=settings.seed, precision=settings.precision, progress=tracked,
-            partial_path=partial, checkpoint_every=settings.batch_size, resume=resume,
-            input_size=settings.input_size, **options)
+        source = images if not isinstance(images, str) or images in IMAGE_SOURCE_NAMES else Path(images)
+        measured = measure_with_config(settings.model, source,
+                                       settings.measure_config(partial_path=partial, resume=resume, **options),
+                                       tracked)
     except KeyboardInterrupt as exc:
         raise MeasurementInterrupted(partial if partial.is_file() else None, done["images"]) from exc
     results = measured if isinstance(measured, list) else [measured]
@@ -473,260 +444,5 @@ def run_compare(
     run = CompareRun(results=main, reports=reports, rows=rows, figures=figures, stage_results=stage_rows,
                      measured=measured)
     if table_path is not None:
-        run.table_path = write_table(rows, table_path, table_format or _format_from_suffix(table_path))
+        run.table_path = write_table(rows, table_path, table_format or table_format_from_suffix(table_path))
     return run
-
-
-# ----------------------------------------------------------------------------------------------------------- scores
-#: (key, header, kind) of the score table columns, in order. kind: text, int, float3, float2, percent, ci.
-SCORE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("model", "model", "text"),
-    ("target", "target", "text"),
-    ("input_size", "input (px)", "text"),
-    ("num_images", "images", "int"),
-    ("weights", "weights", "text"),
-    ("agd_score", "AGD score", "float3"),
-    ("agd_score_ci", "AGD 95% CI", "ci"),
-    ("sigma_major", "σ major (px)", "float1"),
-    ("sigma_minor", "σ minor (px)", "float1"),
-    ("r_squared", "R²", "float3"),
-    ("kim_r_squared", "R² (Kim)", "float3"),
-    ("beta", "β (shape)", "float2"),
-    ("mardia_kurtosis", "β₂ (Mardia)", "float2"),
-    ("monotonicity", "monotonicity", "float2"),
-    ("r_20", "r(20%)", "percent"),
-    ("r_50", "r(50%)", "percent"),
-    ("r_99", "r(99%)", "percent"),
-    ("effective_area_ratio", "A_eff/HW", "percent"),
-    ("flags", "flags", "text"),
-)
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def score_row(report: Any, result: ERFResult | None = None) -> dict[str, Any]:
-    """The headline numbers of one AGD report as a flat dict (NaN → None), keyed as :data:`SCORE_COLUMNS`."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    shape, spread = data.get("shape") or {}, data.get("spread") or {}
-    areas = {round(float(a["threshold"]), 4): a.get("ratio") for a in data.get("area_ratios") or []}
-    interval = (data.get("confidence_intervals") or {}).get("agd_score")
-    effective = spread.get("effective_area_floor_removed") or spread.get("effective_area_raw") or {}
-    flags = [f for f in data.get("flags") or [] if not f.startswith(("kim_fit:", "beta_fit:"))]
-    row = {
-        "model": result.model if result is not None else "",
-        "target": result.target if result is not None else "",
-        "input_size": "×".join(str(v) for v in (result.input_size if result is not None else data.get("input_size")
-                                                or ())),
-        "num_images": result.num_images if result is not None else data.get("num_images"),
-        "weights": (result.weights or {}).get("source", "") if result is not None else "",
-        "agd_score": _finite(data.get("agd_score")),
-        "agd_score_ci": [(_finite(v)) for v in interval] if interval else None,
-        "sigma_major": _finite(spread.get("sigma_major")),
-        "sigma_minor": _finite(spread.get("sigma_minor")),
-        "r_squared": _finite((data.get("fit") or {}).get("r_squared")),
-        "kim_r_squared": _finite((data.get("kim_fit") or {}).get("r_squared")),
-        "beta": _finite(shape.get("beta")),
-        "mardia_kurtosis": _finite(shape.get("mardia_kurtosis")),
-        "monotonicity": _finite(shape.get("monotonicity")),
-        "r_20": _finite(areas.get(0.2)),
-        "r_50": _finite(areas.get(0.5)),
-        "r_99": _finite(areas.get(0.99)),
-        "effective_area_ratio": _finite(effective.get("ratio")),
-        "flags": ", ".join(flags),
-    }
-    return row
-
-
-def scores_table(reports: Sequence[Any], results: Sequence[ERFResult] | None = None) -> list[dict[str, Any]]:
-    """One :func:`score_row` per report (with model, target, input size, images and weights from ``results``)."""
-    results = list(results) if results is not None else [None] * len(reports)
-    if len(results) != len(reports):
-        raise ValueError(f"got {len(reports)} reports for {len(results)} results")
-    return [score_row(report, result) for report, result in zip(reports, results)]
-
-
-def format_value(value: Any, kind: str) -> str:
-    """A table cell as text (``–`` for missing values)."""
-    if value is None or value == "":
-        return "–"
-    if kind == "ci":
-        low, high = value
-        return "–" if low is None or high is None else f"[{low:.3f}, {high:.3f}]"
-    if kind == "percent":
-        return f"{100 * value:.2f} %"
-    if kind.startswith("float"):
-        return f"{value:.{int(kind[5:])}f}"
-    return str(value)
-
-
-def table_cells(rows: Sequence[Mapping[str, Any]], columns=SCORE_COLUMNS) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells, leaving out columns that are empty in every row."""
-    used = [c for c in columns if any(row.get(c[0]) not in (None, "") for row in rows)] or list(columns[:1])
-    headers = [header for _, header, _ in used]
-    cells = [[format_value(row.get(key), kind) for key, _, kind in used] for row in rows]
-    return headers, cells
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], fmt: str, columns=SCORE_COLUMNS) -> str:
-    """The table as ``markdown``, ``csv`` (numbers unformatted) or ``json`` text."""
-    if fmt == "json":
-        return json.dumps(list(rows), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        keys = [key for key, _, _ in columns]
-        keys += [k for row in rows for k in row if k not in keys]
-        flat_keys = []
-        for key in keys:
-            flat_keys += [f"{key}_low", f"{key}_high"] if key.endswith("_ci") else [key]
-        writer = csv.DictWriter(buffer, fieldnames=flat_keys, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            flat = {}
-            for key in keys:
-                value = row.get(key)
-                if key.endswith("_ci"):
-                    low, high = value if value else (None, None)
-                    flat[f"{key}_low"], flat[f"{key}_high"] = low, high
-                else:
-                    flat[key] = value
-            writer.writerow({k: "" if v is None else v for k, v in flat.items()})
-        return buffer.getvalue()
-    if fmt == "markdown":
-        headers, cells = table_cells(rows, columns)
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
-        return "\n".join(lines) + "\n"
-    raise ValueError(f"table format {fmt!r} is not one of markdown, csv, json")
-
-
-def _format_from_suffix(path: str | Path) -> str:
-    suffix = Path(path).suffix.lower()
-    formats = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".json": "json"}
-    if suffix not in formats:
-        raise ValueError(f"cannot tell the table format from {str(path)!r}; give it (markdown, csv or json)")
-    return formats[suffix]
-
-
-def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path, fmt: str | None = None,
-                columns=SCORE_COLUMNS) -> Path:
-    """Write :func:`format_table` output to ``path`` atomically (format from the suffix when not given)."""
-    path = Path(path)
-    fmt = fmt if fmt not in (None, "terminal") else _format_from_suffix(path)
-    text = format_table(rows, fmt, columns).encode()
-    atomic_write_bytes(path, lambda handle: handle.write(text))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------- models
-MODEL_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("name", "model", "text"),
-    ("family", "family", "text"),
-    ("params_m", "params (M)", "float1"),
-    ("erf_layer", "default ERF layer", "text"),
-    ("weights", "weights available (tag: file)", "text"),
-)
-
-
-def _family(name: str) -> str:
-    import timm.models
-
-    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
-
-
-def _is_own_model(name: str) -> bool:
-    import timm.models
-
-    return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
-
-
-def _weight_files(name: str) -> list[str]:
-    import timm.models
-
-    files = []
-    for tagged in timm.list_pretrained(f"{name}.*"):
-        cfg = timm.models.get_pretrained_cfg(tagged)
-        if cfg is None:
-            continue
-        filename = (cfg.hf_hub_filename or (Path(cfg.file).name if cfg.file else None)
-                    or (Path(cfg.url).name if cfg.url else None)
-                    or ("model.safetensors" if cfg.hf_hub_id else None) or "?")
-        files.append(f"{tagged.split('.', 1)[1]}: {filename}")
-    return files
-
-
-def models_table(pattern: str | None = None, *, parameters: bool = True) -> list[dict[str, Any]]:
-    """Registered models as rows: name, family, parameter count (millions), default ERF layer, weight files.
-
-    Without ``pattern``, the models registered outside timm (erf-tools' families and any module imported with
-    ``--import``); with a pattern (``"resnet*"``), the matching timm registry names. Parameters and the ERF layer
-    are read from a model built on the meta device (no memory, no weights); ``parameters=False`` skips that.
-    Weight files are the checkpoint file names of each pretrained tag (timm ``pretrained_cfg``); erf-tools does not
-    download them (pass a local path to ``--weights``).
-    """
-    import timm
-    import torch
-
-    import erf_tools.models  # noqa: F401  (registers the project's families)
-    from erf_tools.targets import TargetError, default_target
-
-    names = timm.list_models(pattern) if pattern else [n for n in timm.list_models() if _is_own_model(n)]
-    rows = []
-    for name in names:
-        row: dict[str, Any] = {"name": name, "family": _family(name), "params_m": None, "erf_layer": None,
-                               "weights": ", ".join(_weight_files(name)) or "none (random / active init only)"}
-        if parameters:
-            try:
-                with torch.device("meta"):
-                    module = timm.create_model(name, pretrained=False)
-                row["params_m"] = sum(p.numel() for p in module.parameters()) / 1e6
-                try:
-                    row["erf_layer"] = default_target(module)
-                except TargetError:
-                    row["erf_layer"] = "none declared (give --target)"
-            except Exception as exc:  # noqa: BLE001 - a model that cannot be built on meta still gets listed
-                row["erf_layer"] = f"not inspectable ({type(exc).__name__})"
-        rows.append(row)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------- imports
-def import_modules(modules: Iterable[str]) -> list[str]:
-    """Import user modules (dotted names or ``.py`` paths) so that their ``@register_model`` functions run.
-
-    Raises :class:`ImportError` with one sentence naming the module when it cannot be imported.
-    """
-    imported = []
-    for spec in modules:
-        path = Path(spec)
-        try:
-            if spec.endswith(".py") or path.is_file():
-                if not path.is_file():
-                    raise ImportError(f"module file {spec!r} does not exist")
-                name = "erf_user_" + re.sub(r"\W", "_", path.stem)
-                module_spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module
-                module_spec.loader.exec_module(module)
-            else:
-                importlib.import_module(spec)
-        except ImportError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - user code can raise anything at import time
-            raise ImportError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from exc
-        imported.append(spec)
-    return imported
-
-
-def result_summary(result: ERFResult) -> dict[str, Any]:
-    """A few facts of a result for a terminal header (model, target, size, images, weights, timing)."""
-    return {"model": result.model, "target": result.target, "protocol": result.protocol,
-            "input": "×".join(map(str, result.input_size)), "images": result.num_images,
-            "rejected": result.num_rejected, "weights": (result.weights or {}).get("source"),
-            "seconds": (result.timing or {}).get("seconds"),
-            "peak": float(np.max(result.map)) if np.size(result.map) else None}

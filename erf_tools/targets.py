@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from erf_tools.layers.helpers import is_out_of_memory
+
 
 class TargetError(ValueError):
     """A target cannot be resolved, or its output is not a spatial feature map."""
@@ -54,17 +56,19 @@ def default_target(model: nn.Module) -> str:
     )
 
 
-def _feature_modules(model: nn.Module) -> list[str]:
-    """Module names of the model's stages: timm ``feature_info`` entries without the stem (reduction < 4), so
-    ResNet's stages 0..3 are ``layer1``..``layer4`` like ConvNeXt's ``stages.0``..``stages.3``."""
+def _feature_entries(model: nn.Module) -> list[dict]:
+    """The timm ``feature_info`` entries of ``model`` as dicts (empty without)."""
     info = getattr(model, "feature_info", None)
     if info is None:
         return []
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    return [
-        entry["module"] for entry in entries
-        if isinstance(entry, dict) and entry.get("module") and entry.get("reduction", 4) >= 4
-    ]
+    return [entry for entry in entries if isinstance(entry, dict) and entry.get("module")]
+
+
+def _feature_modules(model: nn.Module) -> list[str]:
+    """Module names of the model's stages: timm ``feature_info`` entries without the stem (reduction < 4), so
+    ResNet's stages 0..3 are ``layer1``..``layer4`` like ConvNeXt's ``stages.0``..``stages.3``."""
+    return [entry["module"] for entry in _feature_entries(model) if entry.get("reduction", 4) >= 4]
 
 
 def resolve_targets(
@@ -101,11 +105,7 @@ def resolve_targets(
 
 def feature_reductions(model: nn.Module) -> dict[str, int]:
     """Total stride of every timm ``feature_info`` entry, by module name, in network order (empty without)."""
-    info = getattr(model, "feature_info", None)
-    if info is None:
-        return {}
-    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    return {e["module"]: int(e["reduction"]) for e in entries if isinstance(e, dict) and "reduction" in e}
+    return {e["module"]: int(e["reduction"]) for e in _feature_entries(model) if "reduction" in e}
 
 
 def _module_name(model: nn.Module, spec: str, modules: dict[str, nn.Module]) -> str:
@@ -176,7 +176,7 @@ class FeatureCapture:
         except _StopForward:
             pass
         except (RuntimeError, ValueError, AssertionError) as exc:
-            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            if is_out_of_memory(exc):
                 raise  # the engine retries smaller batches
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise TargetError(

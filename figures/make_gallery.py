@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from erf_tools import plotting, runs
+from erf_tools import catalogue, plotting, runs, tables
 from erf_tools.analysis import analyze
 from erf_tools.results import load_result
 
@@ -49,7 +49,7 @@ def measure_all(size: int, num_images: int, batch_size: int, force: bool) -> dic
     store = HERE / "results"
     measured: dict[str, list] = {}
     for model, label in MODELS:
-        targets = runs.stage_targets(model) if model == STAGE_MODEL else None
+        targets = catalogue.stage_targets(model) if model == STAGE_MODEL else None
         settings = runs.measure_settings(model, input_size=size, num_images=num_images, weights="active",
                                          targets=targets, batch_size=batch_size)
         stems = ([runs.output_stem(model, t) for t in targets] if targets else [runs.output_stem(model, None)])
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     written += plotting.save_figure(plotting.stage_grid(
         {labels[STAGE_MODEL]: stage_results}, title="UniConvNet-T: ERF growth across stages"),
         out / "uniconvnet_t_stages")
-    rows = runs.scores_table(reports, results)
-    written.append(runs.write_table(rows, out / "scores.md"))
-    written.append(runs.write_table(rows, out / "scores.csv"))
+    rows = tables.scores_table(reports, results)
+    written.append(tables.write_table(rows, out / "scores.md"))
+    written.append(tables.write_table(rows, out / "scores.csv"))
     for path in written:
         print(f"wrote {path}")
     print(f"gallery done in {time.perf_counter() - started:.0f} s", flush=True)

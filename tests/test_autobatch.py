@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from erf_tools import measure_erf
-from erf_tools.extract import _Engine, _frozen_eval
-from erf_tools.memory import LiveMemoryTracker, auto_batch_size, estimate_peak_memory, per_image_memory
+from erf_tools.engine.engine import ERFEngine, frozen_eval
+from erf_tools.engine.memory import LiveMemoryTracker, auto_batch_size, estimate_peak_memory, per_image_memory
 from erf_tools.protocols import resolve_options
 from erf_tools.targets import resolve_targets
 
@@ -39,10 +39,10 @@ def net() -> nn.Module:
 
 def test_meta_replay_equals_the_real_peak(net):
     estimate = estimate_peak_memory(net, 40, batch_size=3)
-    engine = _Engine(net, resolve_targets(net, None), resolve_options("replknet"), "cpu", "fp32", False)
+    engine = ERFEngine(net, resolve_targets(net, None), resolve_options("replknet"), "cpu", "fp32", False)
     tracker = LiveMemoryTracker()
-    with _frozen_eval(net), tracker:
-        engine._process(torch.zeros(3, 3, 40, 40))
+    with frozen_eval(net), tracker:
+        engine.compute_batch(torch.zeros(3, 3, 40, 40))
     assert abs(estimate - tracker.peak) <= 1024  # the same tensors, up to a few scalars
     # the activations alone set a floor: input + 16-channel map at full size, kept for the backward
     assert estimate > 3 * 4 * 40 * 40 * (3 + 16)
@@ -95,7 +95,7 @@ def test_measure_erf_with_auto_batch_size(net):
 
 def test_estimate_falls_back_to_fake_tensors_for_operators_without_meta_kernels():
     """FFT depthwise convs (complex FFTs) have no meta kernels: the fp32 estimate replays with fake tensors."""
-    from erf_tools.extract import use_fft_depthwise
+    from erf_tools.layers.fft_conv import use_fft_depthwise
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 31, padding=15, groups=8)).eval()
     model.erf_target = "1"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from erf_tools.models.dcnv3 import DCNv3, dcnv3_core
+from erf_tools.layers.dcnv3 import DCNv3, dcnv3_core
 from erf_tools.weights import activate_branches, find_silenced_branches
 
 

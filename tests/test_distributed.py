@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from erf_tools import load_result, measure_erf, save_result
-from erf_tools.distributed import measure_erf_distributed, rank_partial_path
+from erf_tools.engine.distributed import measure_erf_distributed, rank_partial_path
 
 
 class NaNOnBrightImages(nn.Module):

@@ -12,7 +12,8 @@ from torch import nn
 
 import erf_tools
 from erf_tools import measure_erf
-from erf_tools.extract import ERFAccumulator, centre_objective, per_sample_maps
+from erf_tools.engine.accumulate import ERFAccumulator
+from erf_tools.engine.objective import centre_objective, per_sample_maps
 from erf_tools.protocols import resolve_options
 from erf_tools.targets import TargetError
 from erf_tools.weights import RandomInitWarning, activate_branches

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from erf_tools import measure_erf
-from erf_tools.extract import _Engine, _frozen_eval, fold_batchnorm, prepare_model, use_fft_depthwise
+from erf_tools.engine.engine import ERFEngine, frozen_eval
+from erf_tools.engine.fastpaths import prepare_model
+from erf_tools.layers.batchnorm import fold_batchnorm
+from erf_tools.layers.fft_conv import use_fft_depthwise
 from erf_tools.protocols import resolve_options
 from erf_tools.targets import resolve_targets
 from erf_tools.weights import activate_branches
@@ -127,8 +130,8 @@ def resnet() -> nn.Module:
     return activate_branches(timm.create_model("resnet18", pretrained=False), seed=1).eval()
 
 
-def _engine(model, targets, **kwargs) -> _Engine:
-    return _Engine(model, resolve_targets(model, targets), resolve_options("replknet"), "cpu", "fp32", False,
+def _engine(model, targets, **kwargs) -> ERFEngine:
+    return ERFEngine(model, resolve_targets(model, targets), resolve_options("replknet"), "cpu", "fp32", False,
                    **kwargs)
 
 
@@ -136,7 +139,7 @@ def test_early_targets_use_their_window_and_give_the_same_maps(resnet):
     images = torch.randn(4, 3, 192, 192, generator=torch.Generator().manual_seed(2))
     targets = ["layer1", "layer2", "layer4"]
     cropped, full = _engine(resnet, targets), _engine(resnet, targets, crop_early_targets=False)
-    with _frozen_eval(resnet):
+    with frozen_eval(resnet):
         first = [cropped.process(images[:2]), full.process(images[:2])]  # first batch: full pass + window check
         second = [cropped.process(images[2:]), full.process(images[2:])]  # then the windows
     assert set(cropped.crops) == {"layer1", "layer2"} and not full.crops
@@ -152,7 +155,7 @@ def test_a_single_early_target_skips_the_full_pass(resnet):
     images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
     cropped = measure_erf(resnet, images, targets="layer1", batch_size=2)
     engine = _engine(resnet, "layer1", crop_early_targets=False)
-    with _frozen_eval(resnet):
+    with frozen_eval(resnet):
         full = torch.cat([engine.process(images[:2])["layer1"], engine.process(images[2:])["layer1"]])
     assert_close_maps(cropped.map, full.double().mean(0).numpy())
 
@@ -176,7 +179,7 @@ def test_targets_behind_global_operators_are_not_cropped():
     torch.manual_seed(0)
     model = Squeeze().eval()
     engine = _engine(model, ["head", "tail"])
-    with _frozen_eval(model):
+    with frozen_eval(model):
         engine.process(torch.randn(2, 3, 64, 64))
     assert "tail" not in engine.crops
 
@@ -258,15 +261,16 @@ def test_fp16_gradients_are_scaled_against_underflow_and_backed_off_on_overflow(
     assert l1_error(half) < 0.05  # CPU float16 kernels accumulate in float16: a few percent
     if gain < 1:  # without the scale, float16 flushes every gradient of this model to zero
         model = Spread(gain)
-        engine = _Engine(model, resolve_targets(model, None), resolve_options("luo2016"), "cpu", "fp16", False)
+        engine = ERFEngine(model, resolve_targets(model, None), resolve_options("luo2016"), "cpu", "fp16", False)
         engine.grad_scale = 1.0
-        with _frozen_eval(model):
+        with frozen_eval(model):
             unscaled = engine.process(images)["out"].double().numpy()[0]
         assert l1_error(unscaled) > 0.5
 
 
 def test_exact_fast_paths_apply_reparameterisation_only_where_the_model_has_it(resnet):
-    from erf_tools.extract import FFT_DEPTHWISE_MIN_KERNEL, exact_fast_paths
+    from erf_tools.engine.fastpaths import exact_fast_paths
+    from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL
 
     class Reparameterisable(nn.Module):
         def structural_reparam(self) -> None:

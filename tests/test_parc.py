@@ -7,16 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import erf_tools.models  # noqa: F401  (registers the models with timm)
-from erf_tools.models.parc import (
-    FFT_MIN_LENGTH,
-    CircularCorrelationFFT,
-    ParC,
-    ParCConvNeXt,
-    ParCResNet,
-    checkpoint_filter_fn,
-    parc_kernel,
-    set_parc_path,
-)
+from erf_tools.layers.parc import FFT_MIN_LENGTH, CircularCorrelationFFT, ParC, parc_kernel, set_parc_path
+from erf_tools.models.parc import ParCConvNeXt, ParCResNet, checkpoint_filter_fn
 from erf_tools.weights import activate_branches, find_silenced_branches, load_checkpoint
 from tests.conformance import assert_close_to_ref, assert_matches_manifest, load_meta, load_tensors, state_dict_of
 

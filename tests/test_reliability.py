@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from erf_tools import load_model, measure_erf
-from erf_tools.extract import _Engine
+from erf_tools.engine.engine import ERFEngine
 from erf_tools.images import ImageSourceError, iter_inputs, open_image_source, preprocessing_for
 from erf_tools.protocols import resolve_options
 from erf_tools.results import (
@@ -238,7 +238,7 @@ def test_all_nan_images_give_a_zero_map_and_a_warning():
 
 
 def test_out_of_memory_falls_back_to_smaller_batches(tiny, monkeypatch):
-    real = _Engine._process
+    real = ERFEngine.compute_batch
     sizes = []
 
     def flaky(self, batch):
@@ -249,7 +249,7 @@ def test_out_of_memory_falls_back_to_smaller_batches(tiny, monkeypatch):
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reference = measure_erf(tiny, images, batch_size=8)
-    monkeypatch.setattr(_Engine, "_process", flaky)
+    monkeypatch.setattr(ERFEngine, "compute_batch", flaky)
     with pytest.warns(UserWarning, match="out of memory at batch size 8"):
         result = measure_erf(tiny, images, batch_size=8)
     assert sizes[:3] == [8, 4, 2]

@@ -9,12 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erf_tools.models.replknet import (
-    RepLKNet,
-    checkpoint_filter_fn,
-    fft_depthwise_conv2d,
-    merge_state_dict,
-)
+from erf_tools.layers.fft_conv import fft_depthwise_conv2d
+from erf_tools.models.replknet import RepLKNet, checkpoint_filter_fn, merge_state_dict
 from erf_tools.weights import find_silenced_branches, load_checkpoint
 from tests.conformance import (
     assert_close_to_ref,

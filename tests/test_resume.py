@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from erf_tools import measure_erf
-from erf_tools.extract import ERFAccumulator, ExactSum
+from erf_tools.engine.accumulate import ERFAccumulator, ExactSum
 
 
 class SmallNet(nn.Module):

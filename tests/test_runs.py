@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from erf_tools import runs
+from erf_tools import catalogue, runs, tables
 from erf_tools.results import load_result
 from tests.test_plotting import gaussian_result
 
@@ -85,34 +85,34 @@ def test_compare_results_writes_figures_and_score_rows(tmp_path):
 
 def test_score_rows_and_table_formats():
     report = runs._analyze(gaussian_result(sigma=5), bootstrap=0)
-    (row,) = runs.scores_table([report], [gaussian_result(sigma=5)])
+    (row,) = tables.scores_table([report], [gaussian_result(sigma=5)])
     assert row["model"] == "toy" and row["input_size"] == "64×64" and row["weights"] == "active"
     assert row["sigma_major"] == pytest.approx(5, rel=0.1) and row["agd_score"] > 0.9
     rows = [row, dict(row, model="other", agd_score=None, agd_score_ci=[0.5, 0.7])]
-    markdown = runs.format_table(rows, "markdown")
+    markdown = tables.format_table(rows, "markdown")
     assert markdown.splitlines()[0].startswith("| model | target |") and "| – |" in markdown
-    parsed = json.loads(runs.format_table(rows, "json"))
+    parsed = json.loads(tables.format_table(rows, "json"))
     assert parsed[1]["agd_score"] is None and parsed[1]["agd_score_ci"] == [0.5, 0.7]
-    table = list(csv.DictReader(io.StringIO(runs.format_table(rows, "csv"))))
+    table = list(csv.DictReader(io.StringIO(tables.format_table(rows, "csv"))))
     assert table[1]["agd_score_ci_low"] == "0.5" and table[1]["agd_score"] == ""
     with pytest.raises(ValueError, match="table format"):
-        runs.format_table(rows, "html")
+        tables.format_table(rows, "html")
     with pytest.raises(ValueError, match="cannot tell"):
-        runs.write_table(rows, "scores.txt")
+        tables.write_table(rows, "scores.txt")
 
 
 def test_models_table_and_stage_targets():
-    (row,) = runs.models_table("replknet_31b")
+    (row,) = catalogue.models_table("replknet_31b")
     assert row["family"] == "replknet" and row["erf_layer"] == "stages.3" and row["params_m"] > 70
-    assert runs.stage_targets("resnet18") == ["stage:0", "stage:1", "stage:2", "stage:3"]
+    assert catalogue.stage_targets("resnet18") == ["stage:0", "stage:1", "stage:2", "stage:3"]
 
 
 def test_import_modules_reports_failures(tmp_path):
     broken = tmp_path / "broken_models.py"
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ImportError, match="boom"):
-        runs.import_modules([str(broken)])
+        catalogue.import_modules([str(broken)])
     with pytest.raises(ImportError, match="does not exist"):
-        runs.import_modules([str(tmp_path / "absent.py")])
+        catalogue.import_modules([str(tmp_path / "absent.py")])
     with pytest.raises(ImportError):
-        runs.import_modules(["no_such_module_for_erf_tools"])
+        catalogue.import_modules(["no_such_module_for_erf_tools"])

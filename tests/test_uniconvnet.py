@@ -9,7 +9,7 @@ import timm
 import torch
 
 import erf_tools.models.uniconvnet as uniconvnet_module
-from erf_tools.models.dcnv3 import DCNv3
+from erf_tools.layers.dcnv3 import DCNv3
 from erf_tools.models.uniconvnet import UniConvNet
 from erf_tools.weights import activate_branches, find_silenced_branches, load_checkpoint
 from tests.conformance import (

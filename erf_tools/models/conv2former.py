@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.models.layers import PrunableStagedBackbone
+from erf_tools.layers.staged import PrunableStagedBackbone
 
 __all__ = ["Conv2Former", "checkpoint_filter_fn", "infer_kernel_size"]
 

@@ -1,7 +1,7 @@
 """RepLKNet: large depthwise kernels with structural re-parameterisation.
 
 Ding et al., "Scaling Up Your Kernels to 31x31: Revisiting Large Kernel Design in CNNs", CVPR 2022
-(arXiv 2203.06717). Written from the reference facts in ``specs/replknet.md``; parameter names follow the official
+(arXiv 2203.06717). Parameter names follow the official
 PyTorch code (``DingXiaoH/RepLKNet-pytorch`` ``replknet.py``) so its checkpoints load with ``strict=True``, in
 both the training-time layout (``large_kernel.lkb_origin`` + ``large_kernel.small_conv``) and the re-parameterised
 layout (``large_kernel.lkb_reparam``).
@@ -16,7 +16,7 @@ Differences from the official code, none of which changes state-dict keys or (be
 * ``drop_path_rate`` defaults to 0 (the timm convention) rather than the factories' 0.3; pass it for training.
 * The optional CUDA ``DepthWiseConv2dImplicitGEMM`` is not used. Instead ``fft_large_kernel`` can compute the large
   depthwise convolutions through FFTs (same result to float32 rounding): on CPU PyTorch's direct depthwise
-  convolution leaves its fast path above 13x13, so ``"auto"`` (FFT for CPU kernels >= 15) makes the forward and input
+  convolution leaves its fast path above 13x13, so ``"auto"`` (FFT for CPU kernels >= ``FFT_DEPTHWISE_MIN_KERNEL``, 15) makes the forward and input
   gradient of RepLKNet-31B 3x (2 threads) to 5x (1 thread) faster at the ERF size of 1024x1024 (``bench/RESULTS.md``).
   Input gradients through ~60 ReLUs amplify rounding: any two float32 paths differ (merged vs unmerged as well), and
   PyTorch's default init (BN beta = mean = 0) leaves whole depthwise channels exactly zero, where the direct conv
@@ -41,16 +41,13 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
+from erf_tools.layers.batchnorm import fuse_bn
+from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, fft_depthwise_conv2d
 from erf_tools.models.common import unwrap_checkpoint
 
 FftMode = Union[bool, Literal["auto"]]
-#: ``fft="auto"`` uses FFTs for depthwise kernels at least this large on CPU. Measured with torch 2.14.1 on the 2-core
-#: CPU (bench/bench_replknet.py --crossover, 1 and 2 threads): the direct conv beats the FFT 1.7-4.5x at 13x13 for
-#: every map from 7 to 256; from 15x15 up the FFT wins 1.3-26x (a tie at most on 7x7 maps), because PyTorch's CPU
-#: depthwise path slows down sharply above 13x13. The crossover is a kernel size, not a map size.
-FFT_AUTO_MIN_KERNEL = 15
 
-__all__ = ["RepLKNet", "ReparamLargeKernelConv", "fft_depthwise_conv2d", "fuse_bn", "merge_state_dict"]
+__all__ = ["RepLKNet", "ReparamLargeKernelConv", "merge_state_dict"]
 
 
 class ConvBN(nn.Sequential):
@@ -74,20 +71,6 @@ class ConvBN(nn.Sequential):
             self.nonlinear = nn.ReLU()
 
 
-def fuse_bn(weight: torch.Tensor, bn: Mapping[str, torch.Tensor] | nn.BatchNorm2d, eps: float = 1e-5):
-    """Fold an eval-mode BatchNorm into the bias-free conv before it: ``W' = W·γ/std``, ``b' = β − μ·γ/std``.
-
-    ``bn`` is the module or a mapping with ``weight``, ``bias``, ``running_mean``, ``running_var`` (a checkpoint's
-    entries), so the same math serves :meth:`ReparamLargeKernelConv.merge_kernel` and :func:`merge_state_dict`.
-    Exact only with running statistics, i.e. for eval-mode outputs.
-    """
-    if isinstance(bn, nn.BatchNorm2d):
-        eps = bn.eps
-        bn = {"weight": bn.weight, "bias": bn.bias, "running_mean": bn.running_mean, "running_var": bn.running_var}
-    scale = bn["weight"] / torch.sqrt(bn["running_var"] + eps)
-    return weight * scale.reshape(-1, 1, 1, 1), bn["bias"] - bn["running_mean"] * scale
-
-
 def _merge_branches(large: tuple[torch.Tensor, torch.Tensor], small: tuple[torch.Tensor, torch.Tensor] | None):
     """Add the BN-fused small kernel, zero-padded to the centre of the large one (both are same-padded, stride 1)."""
     kernel, bias = large
@@ -102,40 +85,6 @@ def _check_fft_mode(fft: FftMode) -> FftMode:
     if fft not in (True, False, "auto"):
         raise ValueError(f"fft_large_kernel must be True, False or 'auto', got {fft!r}")
     return fft
-
-
-def _fft_length(n: int) -> int:
-    """Smallest 5-smooth integer >= n: FFT lengths with only factors 2, 3, 5 are the fast ones."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
-def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same-padded, stride-1 depthwise cross-correlation computed with real FFTs; equals
-    ``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` to float rounding, for odd K.
-
-    Cost is O(H·W·log(H·W)) per channel instead of O(H·W·K²), which pays for RepLKNet's 27–31 px kernels on CPU at
-    ERF input sizes. Autograd flows through ``torch.fft``, so input gradients (the ERF) are exact as well.
-
-    The transform length only needs ``H + K//2`` (not ``H + K − 1``): circular wrap-around then lands in the
-    first ``K//2`` outputs of the full convolution, which the "same" window discards.
-    """
-    height, width = x.shape[-2:]
-    k_h, k_w = weight.shape[-2:]
-    p_h, p_w = k_h // 2, k_w // 2
-    size = (_fft_length(max(height + p_h, k_h)), _fft_length(max(width + p_w, k_w)))
-    # correlation = convolution with the flipped kernel; the "same" window starts at the kernel radius
-    spectrum = torch.fft.rfft2(x, s=size) * torch.fft.rfft2(weight.flip(-1, -2).squeeze(1), s=size)
-    out = torch.fft.irfft2(spectrum, s=size)[..., p_h:p_h + height, p_w:p_w + width]
-    if bias is not None:
-        out = out + bias.reshape(-1, 1, 1)
-    return out.contiguous()
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -174,7 +123,7 @@ class ReparamLargeKernelConv(nn.Module):
 
     def _large_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         if self.fft is True or (
-                self.fft == "auto" and x.device.type == "cpu" and self.kernel_size >= FFT_AUTO_MIN_KERNEL):
+                self.fft == "auto" and x.device.type == "cpu" and self.kernel_size >= FFT_DEPTHWISE_MIN_KERNEL):
             return fft_depthwise_conv2d(x, conv.weight, conv.bias)
         return conv(x)
 
@@ -336,7 +285,7 @@ class RepLKNet(nn.Module):
             use_sync_bn: accepted for the official signature and ignored (see the module docstring).
             norm_intermediate_features: a BN per stage for intermediate outputs (official detection/segmentation).
             fft_large_kernel: compute the large depthwise convolutions with FFTs (:func:`fft_depthwise_conv2d`):
-                True for all, "auto" where it is faster (CPU, kernels >= ``FFT_AUTO_MIN_KERNEL``), False (default)
+                True for all, "auto" where it is faster (CPU, kernels >= ``FFT_DEPTHWISE_MIN_KERNEL``), False (default)
                 for PyTorch's direct convolution, the same arithmetic as the official code.
             global_pool: timm pooling type of the head.
             drop_rate: dropout before the linear head (not in the official model; 0 keeps it out).

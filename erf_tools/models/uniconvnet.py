@@ -3,14 +3,13 @@
 Paper: `UniConvNet: Expanding Effective Receptive Field while Maintaining Asymptotically Gaussian Distribution for
 ConvNets of Any Scale` - Wang & Xi, ICCV 2025, https://arxiv.org/abs/2508.09000
 
-Written from the specification in ``/work/shared/specs/uniconvnet.md`` (official code: ai-paperwithcode/UniConvNet,
-commit 5d66e89), checked against reference forward passes of the official classes (tests/fixtures/conformance).
+Official code: ai-paperwithcode/UniConvNet (commit 5d66e89); this implementation is checked against reference forward passes of the official classes (tests/fixtures/conformance).
 Parameter names are the official ones so that the released checkpoints load with ``strict=True``.
 
 Each block has three residual branches, each with its own per-channel scale (all initialised to 1e-6):
 
 1. ``attn``: the three-layer Receptive Field Aggregator (official class name ``ConvMod``), NCHW;
-2. ``dcn``: UniConvNet's modified DCNv3 (:mod:`erf_tools.models.dcnv3`) after ``norm1``, channels-last;
+2. ``dcn``: UniConvNet's modified DCNv3 (:mod:`erf_tools.layers.dcnv3`) after ``norm1``, channels-last;
 3. ``mlp``: Linear(C, 4C) - GELU - Linear(4C, C) after ``norm2``, channels-last.
 
 The two official model files differ only in the DCN group rule: variants A-P2 use 8 channels per group
@@ -32,8 +31,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.models.dcnv3 import DCNv3
-from erf_tools.models.layers import StagedBackbone
+from erf_tools.layers.dcnv3 import DCNv3
+from erf_tools.layers.staged import StagedBackbone
 
 __all__ = ["UniConvNet", "UniConvNetBlock", "ReceptiveFieldAggregator", "checkpoint_filter_fn"]
 

@@ -7,8 +7,8 @@ modulation mask is used raw (no softmax over the points of a group). The officia
 same function with ``F.grid_sample``: vectorised, differentiable with respect to the input, the offsets and the mask,
 and equal on CPU and CUDA.
 
-The sampling rule, for output pixel (h, w), group g, channel c of the group and kernel point p (see
-``/work/shared/specs/uniconvnet.md`` section 5)::
+The sampling rule, for output pixel (h, w), group g, channel c of the group and kernel point p (InternImage's
+``dcnv3_core_pytorch``, as modified by UniConvNet)::
 
     out[h, w, g*Cg + c] = sum_p mask[h, w, g*P + p] * bilinear(value[..., g*Cg + c],
                                                                x = w + (dx_p + offset_x) * offset_scale,

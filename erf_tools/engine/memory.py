@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import weakref
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -32,6 +31,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from erf_tools.engine.engine import ERFEngine, frozen_eval
+from erf_tools.layers.helpers import as_pair, module_device
+from erf_tools.protocols import resolve_options
+from erf_tools.targets import TargetError, resolve_targets
 
 __all__ = [
     "LiveMemoryTracker", "MemoryEstimate", "auto_batch_size", "available_memory", "estimate_peak_memory",
@@ -113,40 +117,23 @@ def estimate_peak_memory(
     The model's weights are not included (they are resident before and after). ``device`` is the device the real
     run will use (default: the model's); it only matters for reduced precisions, whose autocast rules depend on it.
     """
-    return _replay_peak(model, _pair(input_size), batch_size, targets, protocol, precision, channels_last, device,
+    return _replay_peak(model, as_pair(input_size), batch_size, targets, protocol, precision, channels_last, device,
                         options)[0]
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, channels_last, device, options):
-    from erf_tools.extract import _Engine, _frozen_eval
-    from erf_tools.protocols import resolve_options
-    from erf_tools.targets import TargetError, resolve_targets
-
     opts = resolve_options(protocol, **options)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else module_device(model)
     resolved = resolve_targets(model, targets)
     if precision == "fp32":
         replica = _meta_copy(model)
         if channels_last:
             replica = replica.to(memory_format=torch.channels_last)
-        engine = _Engine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False)
+        engine = ERFEngine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False)
         tracker = LiveMemoryTracker()
         try:
-            with _frozen_eval(replica), tracker:
-                engine._process(torch.empty(batch_size, 3, *input_hw, device="meta"))
+            with frozen_eval(replica), tracker:
+                engine.compute_batch(torch.empty(batch_size, 3, *input_hw, device="meta"))
             return tracker.peak, "meta"
         except (RuntimeError, NotImplementedError, TargetError):
             pass  # an operator without a meta kernel (complex FFTs of the FFT depthwise path): fake tensors below
@@ -154,12 +141,12 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
     # fake tensors of the real device
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    engine = _Engine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False)
+    engine = ERFEngine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False)
     restore = _channels_last_in_place(model) if channels_last else nullcontext()
-    with restore, _frozen_eval(model), FakeTensorMode(allow_non_fake_inputs=True):
+    with restore, frozen_eval(model), FakeTensorMode(allow_non_fake_inputs=True):
         tracker = LiveMemoryTracker()
         with tracker:
-            engine._process(torch.empty(batch_size, 3, *input_hw, device=device))
+            engine.compute_batch(torch.empty(batch_size, 3, *input_hw, device=device))
     return tracker.peak, "fake"
 
 
@@ -194,7 +181,7 @@ def per_image_memory(
     **options,
 ) -> MemoryEstimate:
     """Peak memory of batch 1 and 2 and the fixed + per-image split (see :class:`MemoryEstimate`)."""
-    hw = _pair(input_size)
+    hw = as_pair(input_size)
     peak_1, method = _replay_peak(model, hw, 1, targets, protocol, precision, channels_last, device, options)
     peak_2, _ = _replay_peak(model, hw, 2, targets, protocol, precision, channels_last, device, options)
     per_image = max(peak_2 - peak_1, 1)
@@ -242,7 +229,7 @@ def auto_batch_size(
     Other arguments are those of :func:`erf_tools.measure_erf` (targets, protocol and ERF options, precision,
     channels_last), because they change what is kept for the backward pass.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else module_device(model)
     budget = available_memory(device) if memory_budget_bytes is None else int(memory_budget_bytes)
     estimate = per_image_memory(model, input_size, targets=targets, protocol=protocol, precision=precision,
                                 channels_last=channels_last, device=device, **options)

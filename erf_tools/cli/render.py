@@ -13,7 +13,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from erf_tools.runs import MODEL_COLUMNS, SCORE_COLUMNS, format_value, table_cells
+from erf_tools.catalogue import MODEL_COLUMNS
+from erf_tools.tables import SCORE_COLUMNS, format_value, table_cells
 from erf_tools.weights import RandomInitWarning
 
 console = Console(highlight=False)

@@ -1,6 +1,6 @@
 """The ``erf`` command: measure, compare, analyze and list models. Parsing and rendering only.
 
-Every command calls one function of :mod:`erf_tools.runs` and renders what it returns. Exit codes: 0 success,
+Every command calls one function of :mod:`erf_tools.runs` (or :mod:`erf_tools.catalogue`) and renders what it returns. Exit codes: 0 success,
 2 bad usage or input (unknown model, missing images, bad checkpoint, unreadable result, bad option), 1 a failure while
 running, 130 Ctrl-C (a measurement keeps its partial result; rerun with ``--resume``). Expected errors print one
 sentence, never a traceback (``--debug`` shows it).
@@ -16,9 +16,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from erf_tools import runs
+from erf_tools import catalogue, runs, tables
 from erf_tools.cli import render
+from erf_tools.engine.engine import PRECISIONS
 from erf_tools.images import ImageSourceError
+from erf_tools.plotting import NORMALISATIONS, SCALES
+from erf_tools.protocols import PRESETS
 from erf_tools.results import ResultFileError
 from erf_tools.targets import TargetError
 from erf_tools.weights import CheckpointError, UnknownModelError
@@ -36,35 +39,29 @@ USAGE_ERRORS = (UnknownModelError, ImageSourceError, CheckpointError, ResultFile
                 FileNotFoundError, ValueError, TypeError)
 
 
-class Protocol(str, Enum):
-    replknet = "replknet"
-    kim2023 = "kim2023"
-    luo2016 = "luo2016"
+def _choices(name: str, values) -> type[Enum]:
+    """A typer choice type built from one of the library's own tuples of names (never repeated here)."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+Protocol = _choices("Protocol", PRESETS)
+Precision = _choices("Precision", PRECISIONS)
+Scale = _choices("Scale", SCALES)
+Normalise = _choices("Normalise", NORMALISATIONS)
+TableFormat = _choices("TableFormat", tables.TABLE_FORMATS)
 
 
-class Scale(str, Enum):
-    log = "log"
-    linear = "linear"
-    power = "power"
-
-
-class Normalise(str, Enum):
-    max = "max"
-    sum = "sum"
-    none = "none"
-
-
-class TableFormat(str, Enum):
-    terminal = "terminal"
-    markdown = "markdown"
-    csv = "csv"
-    json = "json"
+def _batch_size(value: str) -> int | str:
+    """``--batch-size``: a positive integer, or ``auto`` (the largest batch that fits the free memory)."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise typer.BadParameter(f"{value!r}: give a positive integer or 'auto'", param_hint="--batch-size")
+    return size
 
 
 @contextmanager
@@ -129,7 +126,7 @@ def _options(pairs: list[str]) -> dict:
 def _targets(target: list[str], stage: list[int], stages: bool, model: str) -> list[str] | None:
     chosen = list(target) + [f"stage:{s}" for s in stage]
     if stages:
-        chosen += [t for t in runs.stage_targets(model) if t not in chosen]
+        chosen += [t for t in catalogue.stage_targets(model) if t not in chosen]
     return chosen or None
 
 
@@ -144,7 +141,7 @@ def main_options(
     _state["debug"] = debug
     if import_:
         with _errors():
-            runs.import_modules(import_)
+            catalogue.import_modules(import_)
 
 
 # ---------------------------------------------------------------------------------------------------------- measure
@@ -163,7 +160,8 @@ ProtocolOpt = Annotated[Protocol, typer.Option("--protocol", "-p", help="ERF pro
 Weights = Annotated[str, typer.Option(
     "--weights", "-w", help="'random' (family default init), 'active' (all-branches-active init), a checkpoint PATH, "
     "or 'timm' / 'timm:TAG' (timm pretrained; needs the weights in the local cache).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward/backward pass.", min=1)]
+BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Images per forward/backward pass, or 'auto' (the "
+                                        "largest batch whose estimated peak memory fits the free memory).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
 Fast = Annotated[bool, typer.Option("--fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
@@ -189,7 +187,7 @@ def measure(
     stage: Annotated[Optional[list[int]], typer.Option("--stage", help="Stage index; repeat for several.")] = None,
     stages: Annotated[bool, typer.Option("--stages", help="Measure every stage (one forward pass).")] = False,
     weights: Weights = "random",
-    batch_size: BatchSize = 2,
+    batch_size: BatchSize = "2",
     device: Device = "cpu",
     precision: PrecisionOpt = Precision.fp32,
     fast: Fast = False,
@@ -208,12 +206,12 @@ def measure(
     with _errors():
         settings = runs.measure_settings(
             model, protocol=protocol.value, input_size=size, num_images=num_images, images=images, weights=weights,
-            targets=_targets(target or [], stage or [], stages, model), batch_size=batch_size, device=device,
-            precision=precision.value, seed=seed, full_protocol=full_protocol)
+            targets=_targets(target or [], stage or [], stages, model), batch_size=_batch_size(batch_size),
+            device=device, precision=precision.value, seed=seed, full_protocol=full_protocol)
         render.note(settings.describe())
         if settings.quick:
             render.note("quick defaults (the published protocol is --full-protocol: "
-                        f"{runs.PRESETS[protocol.value].input_size} px, "
+                        f"{PRESETS[protocol.value].input_size} px, "
                         f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} images)")
         with render.progress_bar() as bar:
             task = bar.add_task(model, total=settings.num_images)
@@ -221,7 +219,7 @@ def measure(
                 model, images=images, settings=settings, out=out, formats=formats, scale=scale.value,
                 resume=resume, bootstrap=bootstrap,
                 progress=lambda done, total: bar.update(task, completed=done, total=total), fast=fast, **extra)
-    rows = runs.scores_table(run.reports, run.results)
+    rows = tables.scores_table(run.reports, run.results)
     for result, row in zip(run.results, rows):
         render.report_table(row, f"{result.model} — {result.target} ({result.num_images} images, "
                                  f"{result.input_size[0]}×{result.input_size[1]} px)")
@@ -255,7 +253,7 @@ def compare(
     full_protocol: FullProtocol = False,
     protocol: ProtocolOpt = Protocol.replknet,
     weights: Weights = "random",
-    batch_size: BatchSize = 2,
+    batch_size: BatchSize = "2",
     device: Device = "cpu",
     fast: Fast = False,
     seed: Seed = 0,
@@ -283,11 +281,11 @@ def compare(
                 squares=squares, stages=stages, formats=formats, table_format=table_format, table_path=table_out,
                 bootstrap=bootstrap, progress=progress, title=title, images=images, num_images=num_images,
                 input_size=size, full_protocol=full_protocol, protocol=protocol.value, weights=weights,
-                batch_size=batch_size, device=device, seed=seed, fast=fast)
+                batch_size=_batch_size(batch_size), device=device, seed=seed, fast=fast)
     if table is TableFormat.terminal or table_out is not None:
         render.scores_table(run.rows)
     else:
-        render.plain(runs.format_table(run.rows, table.value))
+        render.plain(tables.format_table(run.rows, table.value))
     render.files([p for paths in run.figures.values() for p in paths])
     if run.table_path is not None:
         render.files([run.table_path])
@@ -313,7 +311,7 @@ def analyze(
     if as_json:
         render.plain(json.dumps(run.report.to_dict(), indent=2) + "\n")
         return
-    row = runs.score_row(run.report, run.result)
+    row = tables.score_row(run.report, run.result)
     render.report_table(row, f"{run.result.model} — {run.result.target} ({run.result.num_images} images, "
                              f"{run.result.input_size[0]}×{run.result.input_size[1]} px, {run.result.protocol})")
     render.files(run.files)
@@ -331,13 +329,13 @@ def models(
 ) -> None:
     """List registered models: family, parameters, default ERF layer, checkpoint files per weight tag."""
     with _errors():
-        rows = runs.models_table(pattern, parameters=params)
+        rows = catalogue.models_table(pattern, parameters=params)
         if not rows:
             raise ValueError(f"no registered model matches {pattern!r}")
     if table is TableFormat.terminal:
         render.models_table(rows)
     else:
-        render.plain(runs.format_table(rows, table.value, runs.MODEL_COLUMNS))
+        render.plain(tables.format_table(rows, table.value, catalogue.MODEL_COLUMNS))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Why: a study of many models at 1024×1024 takes hours on one device. The per-image work is independent, so rank r
 of w processes images r, r + w, r + 2w, ... (``measure_erf(shard=(r, w))``) and the ranks' accumulators are added
-at the end. The sums are exact (:class:`erf_tools.extract.ExactSum`: integer buckets on a fixed exponent grid), so
+at the end. The sums are exact (:class:`erf_tools.engine.accumulate.ExactSum`: integer buckets on a fixed exponent grid), so
 the all-reduce gives the very bits a single process would have produced from the same per-image maps, whatever
 the number of processes; image ids, per-image maps and rejected images are put back in the single-process order.
 
@@ -13,7 +13,7 @@ this module initialises from)::
 
 or as a command (rank 0 writes the results)::
 
-    torchrun --nproc-per-node 8 -m erf_tools.distributed replknet_31b --images /data/val --num-images 50 \\
+    torchrun --nproc-per-node 8 -m erf_tools.engine.distributed replknet_31b --images /data/val --num-images 50 \\
         --device cuda --batch-size auto --out results/ --checkpoint-every 8
 
 Backends: ``nccl`` for CUDA devices, ``gloo`` for CPUs. Each rank checkpoints its own accumulators
@@ -31,7 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erf_tools.extract import ERFAccumulator, ExactSum, Measurement, _measure
+from erf_tools.engine.accumulate import ERFAccumulator, ExactSum
+from erf_tools.engine.engine import PRECISIONS
+from erf_tools.engine.measure import MeasureConfig, Measurement, run_measurement
+from erf_tools.images import IMAGE_SOURCE_NAMES
+from erf_tools.protocols import PRESETS
 from erf_tools.results import ERFResult, save_result
 
 __all__ = ["main", "measure_erf_distributed", "reduce_measurement", "rank_partial_path"]
@@ -60,17 +64,17 @@ def _all_gather(value: Any, group) -> list[Any]:
 def _reduce_accumulator(accumulator: ERFAccumulator, rank: int, world: int, group) -> ERFAccumulator:
     """The accumulator of the whole run, identical on every rank."""
     device = _collective_device(group)
-    indices = sorted(set().union(*_all_gather(sorted(accumulator.sums.buckets), group)))
+    indices = sorted(set().union(*_all_gather(accumulator.sums.bucket_indices(), group)))
     shape = accumulator.shape
     stacked = torch.zeros((len(indices), *shape), dtype=torch.float64, device=device)
     for row, index in enumerate(indices):
-        if index in accumulator.sums.buckets:
-            stacked[row] = accumulator.sums.buckets[index].to(device)
+        bucket = accumulator.sums.bucket(index)
+        if bucket is not None:
+            stacked[row] = bucket.to(device)
     if indices:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)  # exact: integer-valued buckets
-    sums = ExactSum(shape)
-    sums.buckets = {index: stacked[row].cpu() for row, index in enumerate(indices)}
-    sums.additions = int(sum(_all_gather(accumulator.sums.additions, group)))
+    sums = ExactSum.from_buckets(shape, {index: stacked[row].cpu() for row, index in enumerate(indices)},
+                                 sum(_all_gather(accumulator.sums.additions, group)))
 
     local = {
         "positions": accumulator.positions, "image_ids": accumulator.image_ids,
@@ -144,6 +148,9 @@ def measure_erf_distributed(
     runs as a single process. ``device="cuda"`` means this rank's GPU (``LOCAL_RANK``). Checkpoints go to one file
     per rank (:func:`rank_partial_path`).
     """
+    if "shard" in kwargs:
+        raise TypeError("measure_erf_distributed sets shard from the process group; do not pass it")
+    progress = kwargs.pop("progress", None)
     created = _init_from_environment(str(device))
     try:
         if not dist.is_initialized():
@@ -153,8 +160,9 @@ def measure_erf_distributed(
         if str(device) == "cuda" and world > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         partial = rank_partial_path(partial_path, rank, world) if partial_path is not None else None
-        measurement = _measure(model, images, targets=targets, device=device, partial_path=partial,
-                               shard=(rank, world), **_with_defaults(kwargs))
+        config = MeasureConfig.from_keywords(**kwargs).replace(targets=targets, device=device, partial_path=partial,
+                                                                 shard=(rank, world))
+        measurement = run_measurement(model, images, config, progress)
         if world > 1:
             measurement = reduce_measurement(measurement, group)
             dist.barrier(group)
@@ -167,31 +175,21 @@ def measure_erf_distributed(
             dist.destroy_process_group()
 
 
-def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """measure_erf's defaults for the keyword arguments ``_measure`` requires."""
-    defaults = {"protocol": "replknet", "batch_size": 8, "num_images": None, "weights": None, "seed": 0,
-                "precision": "fp32", "channels_last": False, "keep_per_image": True, "per_image_resolution": 256,
-                "progress": None, "checkpoint_every": 0, "resume": False}
-    if "shard" in kwargs:
-        raise TypeError("measure_erf_distributed sets shard from the process group; do not pass it")
-    return defaults | kwargs
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m erf_tools.distributed",
+        prog="torchrun --nproc-per-node N -m erf_tools.engine.distributed",
         description="Measure ERFs with the images sharded over torchrun's processes; rank 0 writes the results.")
     parser.add_argument("model", help="a registered model name (timm or erf-tools)")
     parser.add_argument("--images", default="sample", help="a folder of images, 'sample' or 'noise'")
     parser.add_argument("--out", default="erf-results", help="output folder")
     parser.add_argument("--weights", default=None, help="'random', 'active', a checkpoint path, 'timm[:tag]'")
-    parser.add_argument("--protocol", default="replknet", choices=["replknet", "kim2023", "luo2016"])
+    parser.add_argument("--protocol", default="replknet", choices=list(PRESETS))
     parser.add_argument("--targets", nargs="*", default=None, help="module names or stage:N")
     parser.add_argument("--num-images", type=int, default=None)
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--batch-size", default="8", help="an integer or 'auto'")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (each rank takes its LOCAL_RANK GPU)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--reparameterize", action="store_true")
     parser.add_argument("--fold-bn", action="store_true")
@@ -203,14 +201,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``torchrun -m erf_tools.distributed``."""
+    """Entry point of ``torchrun -m erf_tools.engine.distributed``."""
     args = _parse(argv)
     out = Path(args.out)
     options = {} if args.input_size is None else {"input_size": args.input_size}
     created = _init_from_environment(args.device)
     try:
         results = measure_erf_distributed(
-            args.model, args.images if args.images in ("sample", "noise") else Path(args.images),
+            args.model, args.images if args.images in IMAGE_SOURCE_NAMES else Path(args.images),
             targets=args.targets, protocol=args.protocol, num_images=args.num_images, weights=args.weights,
             batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size), device=args.device,
             precision=args.precision, channels_last=args.channels_last, reparameterize=args.reparameterize,
