@@ -40,7 +40,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -48,7 +47,8 @@ from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
 from erf_tools.models.layers import PrunableStagedBackbone
-from erf_tools.models.replknet import FFT_AUTO_MIN_KERNEL, fft_depthwise_conv2d, fuse_bn
+from erf_tools.models.reparam import fold_bn, merge_kernels
+from erf_tools.models.replknet import FFT_AUTO_MIN_KERNEL, fft_depthwise_conv2d
 
 __all__ = ["SLaK", "SLaKBlock", "DecomposedLargeKernelConv", "checkpoint_filter_fn", "merge_state_dict"]
 
@@ -76,26 +76,6 @@ def _conv_bn(channels: int, kernel: tuple[int, int], bn: bool) -> nn.Sequential:
     if bn:
         branch.add_module("bn", nn.BatchNorm2d(channels))
     return branch
-
-
-def centre_pad(kernel: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad an odd (kh, kw) kernel to (size, size), centred: the same-padded conv computes the same map."""
-    pad_h, pad_w = (size - kernel.shape[-2]) // 2, (size - kernel.shape[-1]) // 2
-    return F.pad(kernel, [pad_w, pad_w, pad_h, pad_h])
-
-
-def merge_kernels(branches: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum BN-folded (kernel, bias) pairs of parallel centred depthwise convs into one size x size kernel and bias."""
-    kernel = sum(centre_pad(k, size) for k, _ in branches)
-    bias = sum(b for _, b in branches)
-    return kernel, bias
-
-
-def _folded(weight: torch.Tensor, bn: Mapping[str, torch.Tensor] | nn.BatchNorm2d | None, eps: float = 1e-5):
-    """A branch's kernel and bias with its BN folded in (eval mode); a BN-less branch has no bias."""
-    if bn is None:
-        return weight, weight.new_zeros(weight.shape[0])
-    return fuse_bn(weight, bn, eps)
 
 
 class DecomposedLargeKernelConv(nn.Module):
@@ -165,7 +145,7 @@ class DecomposedLargeKernelConv(nn.Module):
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K x K kernel and bias that reproduce the eval-mode sum of every branch."""
         branches = [getattr(self, n) for n in BRANCHES if hasattr(self, n)]
-        return merge_kernels([_folded(b.conv.weight, getattr(b, "bn", None)) for b in branches], self.kernel_size)
+        return merge_kernels([fold_bn(b.conv.weight, getattr(b, "bn", None)) for b in branches], self.kernel_size)
 
     def merge_kernel(self) -> None:
         """Replace the branches by ``lkb_reparam`` (in place; a no-op when already merged)."""
@@ -374,7 +354,7 @@ def merge_state_dict(state_dict: Mapping[str, torch.Tensor], eps: float = 1e-5) 
             bn = None
             if f"{prefix}{name}.bn.weight" in state_dict:
                 bn = {p: state_dict[f"{prefix}{name}.bn.{p}"] for p in ("weight", "bias", "running_mean", "running_var")}
-            branches.append(_folded(weight, bn, eps))
+            branches.append(fold_bn(weight, bn, eps=eps))
         size = max(max(k.shape[-2:]) for k, _ in branches)
         out[f"{prefix}lkb_reparam.weight"], out[f"{prefix}lkb_reparam.bias"] = merge_kernels(branches, size)
     return out
