@@ -6,7 +6,7 @@ The data flow: images (:mod:`erf_tools.images`) -> model + target layer (:mod:`e
 """
 __version__ = "0.1.0"
 
-from erf_tools import models  # noqa: F401,E402  (registers uniconvnet_*, replknet_*, parc_*, conv2former_* with timm)
+from erf_tools import models  # noqa: F401,E402  (registers uniconvnet_*, replknet_*, parc_*, conv2former_*, slak_*, unireplknet_* with timm)
 from erf_tools.analysis import AGDReport, analyze  # noqa: E402
 from erf_tools.extract import measure_erf  # noqa: E402
 from erf_tools.protocols import PRESETS, ERFOptions, resolve_options  # noqa: E402

@@ -204,7 +204,8 @@ def test_official_training_checkpoint_loads(tmp_path, ref):
 
 def test_earlier_decom1_decom2_names_are_mapped(ref):
     meta, tensors = ref
-    old = {k.replace(".LoRA1.", ".Decom1.").replace(".LoRA2.", ".Decom2."): v for k, v in state_dict_of(tensors).items()}
+    old = {k.replace(".LoRA1.", ".Decom1.").replace(".LoRA2.", ".Decom2."): v
+           for k, v in state_dict_of(tensors).items()}
     model = SLaK(**meta["constructor_kwargs"]).eval()
     model.load_state_dict(checkpoint_filter_fn({"model": old}, model), strict=True)
     _assert_matches_ref(model, ref)
@@ -228,8 +229,8 @@ def test_timm_pretrained_path_uses_the_filter(tmp_path, small, ref):
     meta, _ = ref
     path = _save(tmp_path, "slak_small.pth", {"model": small.state_dict()})
     kwargs = {k: meta["constructor_kwargs"][k] for k in ("depths", "dims", "num_classes")}
-    model = timm.create_model("slak_t.in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
-                              **kwargs).eval()
+    overlay = dict(file=str(path), num_classes=10)
+    model = timm.create_model("slak_t.in1k", pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
     _assert_matches_ref(model, ref)
 
 

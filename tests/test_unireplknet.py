@@ -99,7 +99,8 @@ def test_structural_reparam_matches_the_official_deploy_conversion(small, ref):
     for ours, unmerged in zip(_outputs(merged, tensors["input"]), _outputs(small, tensors["input"])):
         assert_close_to_ref(ours, unmerged, tol)
     own = merged.state_dict()
-    assert [[k, list(v.shape)] for k, v in own.items()] == [[k, list(s)] for k, s in meta["merged"]["merged_state_dict"]]
+    official = [[k, list(s)] for k, s in meta["merged"]["merged_state_dict"]]
+    assert [[k, list(v.shape)] for k, v in own.items()] == official
     for key, value in state_dict_of(tensors, "merged_state_dict.").items():
         torch.testing.assert_close(own[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert sum(p.numel() for p in merged.parameters()) == meta["merged"]["merged_num_params"]

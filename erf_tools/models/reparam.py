@@ -16,7 +16,7 @@ from torch import nn
 
 from erf_tools.models.replknet import fuse_bn
 
-__all__ = ["bn_statistics", "centre_pad", "dilated_to_dense", "fold_bn", "merge_kernels"]
+__all__ = ["bn_from_state_dict", "bn_statistics", "centre_pad", "dilated_to_dense", "fold_bn", "merge_kernels"]
 
 
 def bn_statistics(bn: nn.modules.batchnorm._BatchNorm | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,13 +25,20 @@ def bn_statistics(bn: nn.modules.batchnorm._BatchNorm | Mapping[str, torch.Tenso
             for name in ("weight", "bias", "running_mean", "running_var")}
 
 
+def bn_from_state_dict(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
+    """The statistics of the BN stored under ``prefix`` (``prefix.weight``, ...) in a state dict; None if absent."""
+    if f"{prefix}.weight" not in state:
+        return None
+    return {name: state[f"{prefix}.{name}"] for name in ("weight", "bias", "running_mean", "running_var")}
+
+
 def fold_bn(
     weight: torch.Tensor,
     bn: nn.modules.batchnorm._BatchNorm | Mapping[str, torch.Tensor] | None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of ``BN(conv(x))`` as one conv: ``W·γ/σ`` and ``β + (b − μ)·γ/σ`` (``b`` = 0 without bias).
+    """Kernel and bias of ``BN(conv(x))`` as one conv: ``W·γ/σ`` and ``β + (b − μ)·γ/σ`` (no bias: b = 0).
 
     ``bn`` None returns the conv itself (a missing bias as zeros). A module's own ``eps`` wins over ``eps``.
     """

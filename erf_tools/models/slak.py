@@ -47,7 +47,7 @@ from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
 from erf_tools.models.layers import PrunableStagedBackbone
-from erf_tools.models.reparam import fold_bn, merge_kernels
+from erf_tools.models.reparam import bn_from_state_dict, fold_bn, merge_kernels
 from erf_tools.models.replknet import FFT_AUTO_MIN_KERNEL, fft_depthwise_conv2d
 
 __all__ = ["SLaK", "SLaKBlock", "DecomposedLargeKernelConv", "checkpoint_filter_fn", "merge_state_dict"]
@@ -351,10 +351,7 @@ def merge_state_dict(state_dict: Mapping[str, torch.Tensor], eps: float = 1e-5) 
             weight = state_dict.get(f"{prefix}{name}.conv.weight")
             if weight is None:
                 continue
-            bn = None
-            if f"{prefix}{name}.bn.weight" in state_dict:
-                bn = {p: state_dict[f"{prefix}{name}.bn.{p}"] for p in ("weight", "bias", "running_mean", "running_var")}
-            branches.append(fold_bn(weight, bn, eps=eps))
+            branches.append(fold_bn(weight, bn_from_state_dict(state_dict, f"{prefix}{name}.bn"), eps=eps))
         size = max(max(k.shape[-2:]) for k, _ in branches)
         out[f"{prefix}lkb_reparam.weight"], out[f"{prefix}lkb_reparam.bias"] = merge_kernels(branches, size)
     return out

@@ -42,7 +42,7 @@ from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
 from erf_tools.models.layers import PrunableStagedBackbone
-from erf_tools.models.reparam import dilated_to_dense, fold_bn, merge_kernels
+from erf_tools.models.reparam import bn_from_state_dict, dilated_to_dense, fold_bn, merge_kernels
 
 __all__ = [
     "DILATED_BRANCHES", "DilatedReparamBlock", "GRN", "UniRepLKNet", "UniRepLKNetBlock", "checkpoint_filter_fn",
@@ -244,7 +244,8 @@ class UniRepLKNetBlock(nn.Module):
         elif kernel_size in (3, 5):
             self.dwconv = _depthwise(dim, kernel_size, bias=deploy)
         else:
-            raise ValueError(f"UniRepLKNet block kernels are 0, 3, 5 or >= 7 (Dilated Reparam Block), got {kernel_size}")
+            raise ValueError(
+                f"UniRepLKNet block kernels are 0, 3, 5 or >= 7 (Dilated Reparam Block), got {kernel_size}")
         self.norm = nn.Identity() if deploy or kernel_size == 0 else nn.BatchNorm2d(dim)
         self.se = SEBlock(dim, dim // 4)
         ffn_dim = int(ffn_factor * dim)
@@ -362,7 +363,8 @@ class UniRepLKNet(PrunableStagedBackbone):
             raise ValueError("UniRepLKNet has four stages: depths and dims need four entries each")
         kernel_sizes = default_kernel_sizes(depths) if kernel_sizes is None else kernel_sizes
         if len(kernel_sizes) != 4 or any(len(k) != d for k, d in zip(kernel_sizes, depths)):
-            raise ValueError(f"kernel_sizes {kernel_sizes} does not give one kernel per block of depths {tuple(depths)}")
+            raise ValueError(
+                f"kernel_sizes {kernel_sizes} does not give one kernel per block of depths {tuple(depths)}")
         self._check_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -446,33 +448,30 @@ _BLOCK_KEY = re.compile(r"^(stages\.\d+\.\d+)\.(.+)$")
 _DILATED_KEY = re.compile(r"^dwconv\.dil_conv_k(\d+)_(\d+)\.weight$")
 
 
-def _bn_from(local: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
-    """The BN statistics stored under ``prefix`` (None when that BN is absent)."""
-    if f"{prefix}.weight" not in local:
-        return None
-    return {k: local[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
-
-
 def _deploy_block(local: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
     """One block's training-layout tensors (keys relative to the block) in the deploy layout, in deploy order."""
     if "pwconv2.2.weight" not in local:  # already deploy
         return dict(local)
-    used = {k for k in local if k == "gamma" or k.startswith(("dwconv.", "norm.", "pwconv2.")) or k == "act.1.beta"}
+
+    def bn(prefix: str) -> dict[str, torch.Tensor] | None:
+        return bn_from_state_dict(local, prefix)
+
+    used = {k for k in local if k in ("gamma", "act.1.beta") or k.startswith(("dwconv.", "norm.", "pwconv2."))}
     out: dict[str, torch.Tensor] = {}
     conv = "dwconv.lk_origin" if "dwconv.lk_origin.weight" in local else "dwconv" if "dwconv.weight" in local else None
     if conv is not None:
         kernel, bias = local[f"{conv}.weight"], local.get(f"{conv}.bias")
-        if "dwconv.origin_bn.weight" in local:
-            dilated = [(*fold_bn(local[k], _bn_from(local, f"dwconv.dil_bn_k{m[1]}_{m[2]}"), eps=eps), int(m[2]))
-                       for k in local if (m := _DILATED_KEY.match(k))]
-            kernel, bias = merge_dilated(fold_bn(kernel, _bn_from(local, "dwconv.origin_bn"), eps=eps), dilated,
-                                         kernel.shape[-1])
+        if "dwconv.origin_bn.weight" in local:  # Dilated Reparam Block branches, in state-dict order
+            dilated = [(*fold_bn(local[key], bn(f"dwconv.dil_bn_k{m[1]}_{m[2]}"), eps=eps), int(m[2]))
+                       for key in local if (m := _DILATED_KEY.match(key))]
+            origin = fold_bn(kernel, bn("dwconv.origin_bn"), eps=eps)
+            kernel, bias = merge_dilated(origin, dilated, kernel.shape[-1])
         if "norm.weight" in local:
-            kernel, bias = fold_bn(kernel, _bn_from(local, "norm"), bias, eps)
+            kernel, bias = fold_bn(kernel, bn("norm"), bias, eps)
         out[f"{conv}.weight"], out[f"{conv}.bias"] = kernel, bias
     out.update({k: v for k, v in local.items() if k not in used})
     out["pwconv2.0.weight"], out["pwconv2.0.bias"] = fold_output_linear(
-        local["pwconv2.0.weight"], local.get("pwconv2.0.bias"), local.get("act.1.beta"), _bn_from(local, "pwconv2.2"),
+        local["pwconv2.0.weight"], local.get("pwconv2.0.bias"), local.get("act.1.beta"), bn("pwconv2.2"),
         local.get("gamma"), eps)
     return out
 
