@@ -37,7 +37,7 @@ the paper's figure is inferred from the RepLKNet script it was adapted from.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -48,11 +48,10 @@ from torch import nn
 from erf_tools.models.common import unwrap_checkpoint
 from erf_tools.models.layers import PrunableStagedBackbone
 from erf_tools.models.reparam import bn_from_state_dict, fold_bn, merge_kernels
-from erf_tools.models.replknet import FFT_AUTO_MIN_KERNEL, fft_depthwise_conv2d
+from erf_tools.models.replknet import FFT_AUTO_MIN_KERNEL, FftMode, fft_depthwise_conv2d
 
 __all__ = ["SLaK", "SLaKBlock", "DecomposedLargeKernelConv", "checkpoint_filter_fn", "merge_state_dict"]
 
-FftMode = Union[bool, Literal["auto"]]
 NORM_EPS = 1e-6
 #: Names of the parallel branches of ``large_kernel``, in official state-dict order.
 BRANCHES = ("LoRA1", "LoRA2", "lkb_origin", "small_conv")
