@@ -9,7 +9,7 @@ import torch
 from timm.models import reparameterize_model
 from torch import nn
 
-from erf_tools import runs
+from erf_tools import measure_erf, runs
 from erf_tools.models.reparam import dilated_to_dense
 from erf_tools.models.unireplknet import (
     GRN,
@@ -280,3 +280,11 @@ def test_gradient_checkpointing_gives_the_same_input_gradient(small, ref):
         small.forward_features(x)[0, :, 1, 1].relu().sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_measure_erf_fast_uses_the_deploy_conversion(small, ref):
+    _, tensors = ref
+    reference = measure_erf(small, tensors["input"], batch_size=2)
+    fast = measure_erf(small, tensors["input"], batch_size=2, fast=True)
+    assert fast.timing["engine"]["reparameterized"] and not small.is_merged
+    assert abs(fast.map - reference.map).max() <= 1e-4 * abs(reference.map).max()
