@@ -2,6 +2,7 @@
 
 * :mod:`.fft_conv` — same-padded depthwise convolution by FFT and the switch that makes a model use it;
 * :mod:`.batchnorm` — BatchNorm folding into convolutions (re-parameterisation, exact fast paths);
+* :mod:`.reparam` — kernel arithmetic of structural re-parameterisation (parallel and dilated branches);
 * :mod:`.dcnv3` — UniConvNet's modified DCNv3 deformable convolution;
 * :mod:`.parc` — ParC, the position-aware circular convolution (spatial and FFT forms);
 * :mod:`.staged` — the timm interface of ``downsample_layers``/``stages`` backbones;

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Literal, Union
 
 import torch
 from torch import nn
 
-__all__ = ["FFT_DEPTHWISE_MIN_KERNEL", "fft_depthwise_conv2d", "inside_fft_convolution", "use_fft_depthwise"]
+__all__ = ["FFT_DEPTHWISE_MIN_KERNEL", "FftMode", "check_fft_mode", "fft_depthwise_conv2d", "inside_fft_convolution",
+           "use_fft_depthwise"]
 
 #: The one crossover of this package: depthwise kernels at least this large are computed by FFT when an FFT path is
 #: asked for ("auto" modes, ``fast=True``). Measured with torch 2.14.1 on the 2-core CPU
@@ -21,6 +23,18 @@ __all__ = ["FFT_DEPTHWISE_MIN_KERNEL", "fft_depthwise_conv2d", "inside_fft_convo
 #: every map from 7 to 256; from 15x15 up the FFT wins 1.3-26x, because PyTorch's CPU depthwise path slows down
 #: sharply above 13x13. The crossover is a kernel size, not a map size.
 FFT_DEPTHWISE_MIN_KERNEL = 15
+
+#: How a large-kernel module computes its depthwise convs: FFT always, never, or ``"auto"`` (CPU, kernels of at least
+#: :data:`FFT_DEPTHWISE_MIN_KERNEL`).
+FftMode = Union[bool, Literal["auto"]]
+
+
+def check_fft_mode(fft: FftMode) -> FftMode:
+    """``fft`` itself if it is True, False or ``"auto"``; ValueError otherwise."""
+    if fft not in (True, False, "auto"):
+        raise ValueError(f"fft_large_kernel must be True, False or 'auto', got {fft!r}")
+    return fft
+
 
 #: Per-thread depth of FFT-computed convolutions in progress: their internal operators (FFTs, padding, slicing)
 #: amount to one zero-padded convolution, a local operator for the engine's input windows.

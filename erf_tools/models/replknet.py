@@ -30,7 +30,6 @@ The ERF quantity of the paper is the stage-4 output **before** the final BN (``f
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +41,8 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from erf_tools.layers.batchnorm import fuse_bn
-from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, fft_depthwise_conv2d
+from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, FftMode, check_fft_mode, fft_depthwise_conv2d
 from erf_tools.models.common import unwrap_checkpoint
-
-FftMode = Union[bool, Literal["auto"]]
 
 __all__ = ["RepLKNet", "ReparamLargeKernelConv", "merge_state_dict"]
 
@@ -81,12 +78,6 @@ def _merge_branches(large: tuple[torch.Tensor, torch.Tensor], small: tuple[torch
     return kernel + F.pad(small_kernel, [pad] * 4), bias + small_bias
 
 
-def _check_fft_mode(fft: FftMode) -> FftMode:
-    if fft not in (True, False, "auto"):
-        raise ValueError(f"fft_large_kernel must be True, False or 'auto', got {fft!r}")
-    return fft
-
-
 class ReparamLargeKernelConv(nn.Module):
     """Depthwise K×K conv+BN plus a parallel small k×k conv+BN (``lkb_origin`` + ``small_conv``), re-parameterisable
     into one K×K conv with bias (``lkb_reparam``).
@@ -108,7 +99,7 @@ class ReparamLargeKernelConv(nn.Module):
             raise ValueError(f"kernels must be odd with small <= large, got {kernel_size} and {small_kernel}")
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
-        self.fft = _check_fft_mode(fft)
+        self.fft = check_fft_mode(fft)
         if small_kernel_merged:
             self.lkb_reparam = nn.Conv2d(
                 channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=True)
@@ -374,7 +365,7 @@ class RepLKNet(nn.Module):
     def set_fft_large_kernel(self, enable: FftMode = True) -> None:
         """Switch the FFT path of the large depthwise convolutions (True, "auto" or False; same weights, same
         outputs to float rounding)."""
-        _check_fft_mode(enable)
+        check_fft_mode(enable)
         for module in self.modules():
             if isinstance(module, ReparamLargeKernelConv):
                 module.fft = enable
