@@ -21,10 +21,21 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ERF_SEED", "ERFRegression", "erf_regression"]
+__all__ = ["ERF_SEED", "ERFRegression", "erf_regression", "autoloaded"]
 
 ERF_SEED = 0
 _RECORD = pytest.StashKey[list]()
+
+
+def autoloaded() -> bool:
+    """True when pytest loads this plugin by itself: its ``pytest11`` entry point is installed and plugin autoloading
+    is not disabled. Otherwise name it with ``-p erf_tools.testing.pytest_plugin`` (or ``pytest_plugins``)."""
+    import os
+    from importlib.metadata import entry_points
+
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    return any(ep.value == __name__ for ep in entry_points(group="pytest11"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -69,14 +80,16 @@ class ERFRegression:
 
         return snapshot_path(self.test_file, self.test_name, name)
 
+    def _shown(self, path: Path) -> str:
+        """``path`` relative to where pytest was started, when it lies below it."""
+        try:
+            return path.relative_to(Path(self._request.config.invocation_params.dir)).as_posix()
+        except ValueError:
+            return str(path)
+
     def update_command(self) -> str:
         """The exact command that (re)writes this test's snapshots, relative to where pytest was started."""
-        start = Path(self._request.config.invocation_params.dir)
-        try:
-            where = self.test_file.relative_to(start)
-        except ValueError:
-            where = self.test_file
-        node = f"{where.as_posix()}::{self._request.node.nodeid.split('::', 1)[-1]}"
+        node = f"{self._shown(self.test_file)}::{self._request.node.nodeid.split('::', 1)[-1]}"
         return f"pytest {shlex.quote(node)} --erf-update"
 
     def check(self, model_or_result: Any, *, name: str | None = None, tolerances: dict[str, float] | None = None,
@@ -105,9 +118,10 @@ class ERFRegression:
         figures = self._tmp.mktemp(safe_name(self._request.node.name)[:40] or "erf", numbered=True)
         outcome = check_snapshot(captured.snapshot, self.snapshot_path(name), update=self.update,
                                  tolerances=tolerances, factor=DEFAULT_FACTOR if factor is None else factor,
-                                 label=label, update_command=self.update_command(), figure_dir=figures)
+                                 label=label, update_command=self.update_command(), figure_dir=figures,
+                                 shown_path=self._shown(self.snapshot_path(name)))
         if outcome.status in ("written", "unchanged"):
-            self._request.config.stash[_RECORD].append((outcome.status, outcome.snapshot_path))
+            self._request.config.stash[_RECORD].append((outcome.status, self._shown(outcome.snapshot_path)))
         if not outcome.ok:
             pytest.fail(outcome.message, pytrace=False)
         return outcome

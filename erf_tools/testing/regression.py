@@ -39,17 +39,19 @@ class CheckOutcome:
 def check_snapshot(current: Snapshot, snapshot_path: str | Path, *, update: bool = False,
                    tolerances: Mapping[str, Any] | None = None, factor: float = DEFAULT_FACTOR,
                    label: str = "this model", update_command: str | None = None,
-                   figure_dir: str | Path | None = None) -> CheckOutcome:
-    """Compare ``current`` with the snapshot at ``snapshot_path`` (or write it, with ``update=True``)."""
+                   figure_dir: str | Path | None = None, shown_path: str | None = None) -> CheckOutcome:
+    """Compare ``current`` with the snapshot at ``snapshot_path`` (or write it, with ``update=True``); messages name
+    the file as ``shown_path`` (default: the path as given)."""
     path = Path(snapshot_path)
+    shown = shown_path or str(path)
     check_tolerances(tolerances, current.fields)
     if update:
         written = write_snapshot(path, current)
         status = "written" if written else "unchanged"
-        return CheckOutcome(status, path, f"ERF snapshot {status}: {path}")
+        return CheckOutcome(status, path, f"ERF snapshot {status}: {shown}")
     if not path.is_file():
         how = f"; create it with:\n    {update_command}" if update_command else ""
-        return CheckOutcome("missing snapshot", path, f"no ERF snapshot for {label} at {path}{how}")
+        return CheckOutcome("missing snapshot", path, f"no ERF snapshot for {label} at {shown}{how}")
     stored = read_snapshot(path)
     comparison = compare_snapshots(stored, current, tolerances=tolerances, factor=factor)
     figure = None
@@ -62,6 +64,6 @@ def check_snapshot(current: Snapshot, snapshot_path: str | Path, *, update: bool
     titles = {"pass": f"ERF of {label} matches its snapshot",
               "regression": f"ERF regression in {label}: numbers outside their allowed difference",
               "settings changed": f"ERF snapshot settings changed for {label}"}
-    message = format_comparison(comparison, title=titles[comparison.status], snapshot_path=str(path),
+    message = format_comparison(comparison, title=titles[comparison.status], snapshot_path=shown,
                                 figure=None if figure is None else str(figure), update_command=update_command)
     return CheckOutcome(comparison.status, path, message, comparison, figure)
