@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from erf_tools.testing.pytest_plugin import autoloaded
+from erf_tools.testing.entry_point import PLUGIN, autoloaded
 from erf_tools.testing.tolerances import DEFAULT_FIELDS
 
 if sys.version_info >= (3, 11):
@@ -20,7 +20,8 @@ else:  # pragma: no cover
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = [] if autoloaded() else ["-p", "erf_tools.testing.pytest_plugin"]
+# the plugin module is already imported here, so the inner pytest cannot rewrite its asserts: say nothing of it
+PLUGIN_ARGS = [] if autoloaded() else ["-p", PLUGIN, "-W", "ignore::pytest.PytestAssertRewriteWarning"]
 
 
 def readme_example() -> dict[str, list]:
@@ -61,7 +62,7 @@ def assert_matches(expected: str, output: str) -> None:
 
 def run(pytester: pytest.Pytester, files: dict[str, str], *args: str):
     pytester.makepyfile(**{name[:-3]: body for name, body in files.items()})
-    return pytester.runpytest("-p", "no:cacheprovider", *PLUGIN, *args)
+    return pytester.runpytest("-p", "no:cacheprovider", *PLUGIN_ARGS, *args)
 
 
 @pytest.mark.slow
@@ -134,13 +135,13 @@ def test_tolerances_override_names_and_results(pytester: pytest.Pytester):
     '''
     pytester.makepyfile(test_synthetic=test)
     pytester.path.joinpath("centre.txt").write_text("16")
-    result = pytester.runpytest("-p", "no:cacheprovider", *PLUGIN, "--erf-update")
+    result = pytester.runpytest("-p", "no:cacheprovider", *PLUGIN_ARGS, "--erf-update")
     result.assert_outcomes(passed=2)
     folder = pytester.path / "__erf_snapshots__" / "test_synthetic"
     assert sorted(p.name for p in folder.iterdir()) == ["test_two.a.json", "test_two.b.json",
                                                         "test_unnamed_twice.json"]
     pytester.path.joinpath("centre.txt").write_text("17")  # the ERF moves by 1 px: far beyond the centre's noise
-    result = pytester.runpytest("-p", "no:cacheprovider", *PLUGIN, "test_synthetic.py::test_two")
+    result = pytester.runpytest("-p", "no:cacheprovider", *PLUGIN_ARGS, "test_synthetic.py::test_two")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "test_synthetic.py::test_two (a)" in out and "(b)" not in out  # b's loose centre tolerance holds
@@ -158,7 +159,7 @@ def test_entry_point_names_the_plugin_module():
     assert callable(plugin.pytest_addoption) and hasattr(plugin, "erf_regression")
 
 
-@pytest.mark.parametrize("module", ["pytest_plugin.py", "__init__.py"])
+@pytest.mark.parametrize("module", ["pytest_plugin.py", "__init__.py", "entry_point.py"])
 def test_plugin_loads_without_heavy_imports(module):
     """Loaded in every pytest run where erf-tools is installed: only the standard library and pytest at import."""
     tree = ast.parse((ROOT / "erf_tools" / "testing" / module).read_text(encoding="utf-8"))

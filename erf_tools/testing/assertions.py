@@ -112,7 +112,7 @@ def evaluate_agd(result_or_report: Any, *, at_least: float | None = None,
 
 def format_expectations(checks: list[Expectation], title: str) -> str:
     rows = [[c.name, c.required, c.now, "ok" if c.ok else "FAIL"] for c in checks]
-    return title + "\n" + format_table(["check", "required", "now", ""], rows)
+    return title + "\n" + format_table(["check", "required", "now", ""], rows, align="llll")
 
 
 def assert_agd(result_or_report: Any, *, at_least: float | None = None,

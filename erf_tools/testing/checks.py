@@ -253,7 +253,7 @@ def format_results(run: ChecksRun) -> str:
     """The results table, then the message of every check that did not simply pass."""
     rows = [[r.name, r.model, "–" if r.agd_score is None else f"{r.agd_score:.3f}", f"{r.seconds:.1f}", r.status]
             for r in run.results]
-    text = format_table(["check", "model", "AGD score", "seconds", "status"], rows)
+    text = format_table(["check", "model", "AGD score", "seconds", "status"], rows, align="llrrl")
     details = [r.message for r in run.results if r.message]
     summary = {0: "all checks passed", 1: "ERF regression", 2: "bad input"}[run.exit_code]
     return "\n\n".join([text, *details, f"{summary} (exit code {run.exit_code})"]) + "\n"

@@ -129,13 +129,14 @@ def format_value(value: float | None, reference: float | None = None) -> str:
     return f"{value:.8g}"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned, two spaces apart."""
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A plain-text table, columns two spaces apart; ``align`` has one ``l``/``r`` per column (default: numbers
+    right-aligned between a left-aligned first and last column)."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 2) + "l"
 
     def line(cells):
-        parts = [str(c).ljust(w) if i == 0 or i == len(cells) - 1 else str(c).rjust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths))]
+        parts = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align)]
         return "  " + "  ".join(parts).rstrip()
 
     return "\n".join([line(headers)] + [line(r) for r in rows])

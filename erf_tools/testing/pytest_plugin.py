@@ -21,21 +21,10 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ERF_SEED", "ERFRegression", "erf_regression", "autoloaded"]
+__all__ = ["ERF_SEED", "ERFRegression", "erf_regression"]
 
 ERF_SEED = 0
 _RECORD = pytest.StashKey[list]()
-
-
-def autoloaded() -> bool:
-    """True when pytest loads this plugin by itself: its ``pytest11`` entry point is installed and plugin autoloading
-    is not disabled. Otherwise name it with ``-p erf_tools.testing.pytest_plugin`` (or ``pytest_plugins``)."""
-    import os
-    from importlib.metadata import entry_points
-
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        return False
-    return any(ep.value == __name__ for ep in entry_points(group="pytest11"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
