@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .snapshot import MAP_SIDE, Snapshot, SnapshotMap
 from .tolerances import report_fields
 
 __all__ = ["DEFAULT_MEASURE", "DEFAULT_BOOTSTRAP", "Capture", "capture", "snapshot_of", "reduced_map",
-           "weights_digest"]
+           "weights_digest", "tensor_digest", "settings_of"]
 
 #: Measurement defaults of a check (any :func:`erf_tools.measure_erf` keyword overrides them).
 DEFAULT_MEASURE: dict[str, Any] = {"images": "sample", "protocol": "replknet", "input_size": 128, "num_images": 8,
@@ -93,8 +94,9 @@ def settings_of(result: Any, bootstrap: int, confidence: float) -> dict[str, Any
 
 def snapshot_of(result: Any, report: Any, *, bootstrap: int, confidence: float = 0.95,
                 fields: Iterable[str] | None = None, weights: Mapping[str, Any] | None = None,
-                test: str | None = None) -> Snapshot:
-    """The snapshot of an analysed result (``report`` an :class:`~erf_tools.AGDReport` or its dict)."""
+                test: str | None = None, images_digest: str | None = None) -> Snapshot:
+    """The snapshot of an analysed result (``report`` an :class:`~erf_tools.AGDReport` or its dict;
+    ``images_digest`` the :func:`tensor_digest` of a tensor of inputs)."""
     data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     extra = centre_intervals(result, n_resamples=bootstrap, confidence=confidence,
                              seed=(data.get("options") or {}).get("seed", 0))
@@ -102,23 +104,40 @@ def snapshot_of(result: Any, report: Any, *, bootstrap: int, confidence: float =
     info = {"device": engine.get("device"), "map_shape": list(np.shape(result.map))}
     if data.get("noise_model") is not None:
         info["noise_model"] = data["noise_model"]
-    return Snapshot(settings=settings_of(result, bootstrap, confidence),
+    settings = settings_of(result, bootstrap, confidence)
+    if images_digest is not None:
+        settings["images"]["tensor_sha256"] = images_digest
+    return Snapshot(settings=settings,
                     fields=report_fields(data, fields=fields, extra_intervals=extra), flags=tuple(data.get("flags") or ()),
                     map=reduced_map(result.map), versions=dict(result.versions or {}), weights=dict(weights or {}),
                     info=info, test=test)
 
 
-def _measure(model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def tensor_digest(images: Any) -> str:
+    """SHA-256 (16 hex digits) of a tensor of input images: a tensor source is a setting by its content."""
+    import torch
+
+    data = images.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{tuple(images.shape)}:{data.dtype};".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _measure(model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any], str | None]:
     import warnings
 
     from erf_tools import measure_erf
 
-    options = {**DEFAULT_MEASURE, **options}
+    given = options.get("images", DEFAULT_MEASURE["images"])
+    from_files = isinstance(given, (str, Path))
+    # a tensor of inputs brings its own size and count
+    defaults = {k: v for k, v in DEFAULT_MEASURE.items() if from_files or k not in ("input_size", "num_images")}
+    options = {**defaults, **options}
     if "target" in options:
         options["targets"] = options.pop("target")
     if isinstance(options.get("targets"), (list, tuple)):
         raise ValueError("a check compares one ERF: give a single target (one check per target)")
-    options.setdefault("batch_size", options["num_images"])
+    options.setdefault("batch_size", options.get("num_images") or DEFAULT_MEASURE["num_images"])
     weights = {}
     if not isinstance(model, str):
         if options.get("weights") is not None:
@@ -129,7 +148,7 @@ def _measure(model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         # random-init warnings are the user's business in a regression test: the snapshot records the weights
         warnings.simplefilter("ignore", category=UserWarning)
         result = measure_erf(model, images, **options)
-    return result, weights
+    return result, weights, None if from_files else tensor_digest(images)
 
 
 def capture(model_or_result: Any, *, bootstrap: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95,
@@ -145,11 +164,11 @@ def capture(model_or_result: Any, *, bootstrap: int = DEFAULT_BOOTSTRAP, confide
         if measure_options:
             raise ValueError(f"measure options {sorted(measure_options)} were given with a measured ERFResult: "
                              "pass the model instead, or measure it with those options yourself")
-        result, weights = model_or_result, {}
+        result, weights, digest = model_or_result, {}, None
     else:
-        result, weights = _measure(model_or_result, dict(measure_options))
+        result, weights, digest = _measure(model_or_result, dict(measure_options))
     seed = int(result.seed if result.seed is not None else 0)
     report = analyze(result, bootstrap=int(bootstrap), confidence=confidence, seed=seed)
     snapshot = snapshot_of(result, report, bootstrap=int(bootstrap), confidence=confidence, fields=fields,
-                           weights=weights, test=test)
+                           weights=weights, test=test, images_digest=digest)
     return Capture(result=result, report=report, snapshot=snapshot)

@@ -3,8 +3,10 @@
 The compared numbers are read from the generic report dict (``AGDReport.to_dict()``): the AGD score, the fitted σ
 (major, minor), R², Mardia's β₂, and the centre (y, x) of the floor-removed map in input pixels, so: is the ERF still
 Gaussian, has it shrunk, has it moved. Any other top-level number that has a confidence interval of the same name
-(``confidence_intervals[name] = (lo, hi)``) is compared too, so new scores slot in without code changes; r(t) can be
-asked for by name (``"r(0.5)"``).
+(``confidence_intervals[name] = (lo, hi)``) is compared too, so new scores slot in without code changes. Others can be
+asked for by name: r(t) (``"r(0.5)"``), the fit's own σ in map pixels, flagged or not (``"fit_sigma_major"``,
+``"fit_sigma_minor"``), and the map's sum and maximum (``"map_sum"``, ``"map_max"``: they move with the engine or a
+model, not with the analysis).
 
 Allowed difference of one number between the snapshot (s) and now (n), first rule that applies:
 
@@ -45,6 +47,10 @@ REPORT_PATHS: dict[str, tuple[str, ...]] = {
     "sigma_minor": ("spread", "sigma_minor"),
     "r_squared": ("fit", "r_squared"),
     "beta2": ("shape", "mardia_kurtosis"),
+    "fit_sigma_major": ("fit", "sigma_major"),  # the fit's own σ in map pixels, also when the fit is flagged
+    "fit_sigma_minor": ("fit", "sigma_minor"),
+    "map_sum": ("openerf_metrics", "sum"),  # these two move with the engine or a model, not with the analysis
+    "map_max": ("openerf_metrics", "max"),
 }
 CENTRE_FIELDS = ("centre_y", "centre_x")
 
