@@ -104,7 +104,8 @@ class ERFRegression:
         label = self._request.node.nodeid + ("" if name is None else f" ({name})")
         captured = capture(model_or_result, bootstrap=DEFAULT_BOOTSTRAP if bootstrap is None else bootstrap,
                            fields=fields, test=self._request.node.nodeid, **measure_options)
-        figures = self._tmp.mktemp(safe_name(self._request.node.name)[:40] or "erf", numbered=True)
+        # created only when a regression draws its figure
+        figures = self._tmp.getbasetemp() / "erf_regression" / safe_name(self._request.node.name)[:60]
         outcome = check_snapshot(captured.snapshot, self.snapshot_path(name), update=self.update,
                                  tolerances=tolerances, factor=DEFAULT_FACTOR if factor is None else factor,
                                  label=label, update_command=self.update_command(), figure_dir=figures,
