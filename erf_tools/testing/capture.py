@@ -108,7 +108,8 @@ def snapshot_of(result: Any, report: Any, *, bootstrap: int, confidence: float =
     if images_digest is not None:
         settings["images"]["tensor_sha256"] = images_digest
     return Snapshot(settings=settings,
-                    fields=report_fields(data, fields=fields, extra_intervals=extra), flags=tuple(data.get("flags") or ()),
+                    fields=report_fields(data, fields=fields, extra_intervals=extra),
+                    flags=tuple(data.get("flags") or ()),
                     map=reduced_map(result.map), versions=dict(result.versions or {}), weights=dict(weights or {}),
                     info=info, test=test)
 

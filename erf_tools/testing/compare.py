@@ -170,8 +170,8 @@ def format_comparison(comparison: Comparison, *, title: str, snapshot_path: str 
                                   _field_rows(comparison.fields)))
         rules = sorted({r.rule for r in comparison.fields})
         if "noise" in rules or "noise (one side)" in rules:
-            lines.append(f"  allowed = {comparison.factor:g} × √(h_snapshot² + h_now²), h = half-widths of the 95 % "
-                         "bootstrap intervals; tolerances={field: value} overrides")
+            lines.append(f"  allowed = {comparison.factor:g} × √(h_snapshot² + h_now²), h = half-widths of the "
+                         "95 % bootstrap intervals; tolerances={field: value} overrides")
         if "numeric" in rules:
             lines.append("  fields without intervals (no bootstrap) are compared numerically (rtol 1e-4)")
         corr = comparison.map_correlation
@@ -179,7 +179,8 @@ def format_comparison(comparison: Comparison, *, title: str, snapshot_path: str 
         lines.append(f"  ERF maps: correlation {maps} (snapshot vs now, block means ≤ 32×32)"
                      + (f"; side by side: {figure}" if figure else ""))
     if tuple(comparison.flags_snapshot) != tuple(comparison.flags_now):
-        lines.append(f"  flags: {', '.join(comparison.flags_snapshot) or '-'} → {', '.join(comparison.flags_now) or '-'}")
+        before, after = ", ".join(comparison.flags_snapshot) or "-", ", ".join(comparison.flags_now) or "-"
+        lines.append(f"  flags: {before} → {after}")
     if comparison.weights:
         lines.append("  weights: " + "; ".join(c.describe() for c in comparison.weights))
     if comparison.versions:

@@ -36,7 +36,7 @@ def centre_intervals(result: Any, *, n_resamples: int, confidence: float = 0.95,
         if not positive.sum() > 0:
             return {"centre_y": float("nan"), "centre_x": float("nan")}
         cy, cx = centre_of_mass(positive)
-        # block (i) of the stored maps covers map pixels [i·d, (i+1)·d); map pixel c sits at (c + ½)·s − ½ input px
+        # block i of the stored maps covers map pixels [i·d, (i+1)·d); map pixel c is at (c + ½)·s − ½ input px
         return {name: ((c + 0.5) * down) * s - 0.5 for name, c, s in zip(("centre_y", "centre_x"), (cy, cx), scale)}
 
     boot = bootstrap_maps(stack, statistic, n_resamples=int(n_resamples), confidence=confidence, seed=seed)

@@ -104,7 +104,7 @@ class Snapshot:
     map: SnapshotMap | None = None
     versions: dict[str, str] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # informational extras (device, timing, the report's noise model)
+    info: dict[str, Any] = field(default_factory=dict)  # informational: device, map shape, the report's noise model
     test: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Which numbers a regression check compares, and how far each may move: tolerances from the noise.
 
 The compared numbers are read from the generic report dict (``AGDReport.to_dict()``): the AGD score, the fitted σ
-(major, minor), R², Mardia's β₂, and the centre (y, x) of the floor-removed map in input pixels, so: is the ERF still
-Gaussian, has it shrunk, has it moved. Any other top-level number that has a confidence interval of the same name
+(major, minor), R², Mardia's β₂, and the centre (y, x) of the floor-removed map in input pixels, so: is the ERF
+still Gaussian, has it shrunk, has it moved. Any other top-level number that has a confidence interval of the same name
 (``confidence_intervals[name] = (lo, hi)``) is compared too, so new scores slot in without code changes. Others can be
 asked for by name: r(t) (``"r(0.5)"``), the fit's own σ in map pixels, flagged or not (``"fit_sigma_major"``,
 ``"fit_sigma_minor"``), and the map's sum and maximum (``"map_sum"``, ``"map_max"``: they move with the engine or a
