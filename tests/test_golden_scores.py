@@ -1,17 +1,34 @@
-"""Golden regression values of measure_erf + analyze on seeded models (see tests/regenerate_golden.py).
+"""Golden regression values of measure_erf + analyze on seeded models, through erf-tools' own pytest plugin.
+
+Each case builds a timm model (``torch.manual_seed(0)``, ``pretrained=False``), re-draws it with the all-branches-active
+init (``activate_branches(model, seed=0)``), measures its ERF with the RepLKNet protocol on a seeded ``torch.randn``
+batch (``torch.Generator().manual_seed(0)``) and analyses it without a bootstrap, so the numbers are compared
+numerically (relative 1e-4: float rounding). The snapshots are in ``tests/__erf_snapshots__/test_golden_scores/``.
 
 A failure means the ERF engine, a model family or the analysis changed its numbers. If the change is intended,
-regenerate with ``.venv/bin/python -m tests.regenerate_golden [model ...]`` and say why in the commit; ``map_sum`` /
-``map_max`` tell an engine or model change (they move too) from an analysis change (they do not).
-"""
-import json
+rewrite the snapshots and say why in the commit::
 
-import numpy as np
+    python -m pytest tests/test_golden_scores.py --erf-update                 # every case
+    python -m pytest "tests/test_golden_scores.py::test_golden_scores[resnet18@64x64/4img]" --erf-update
+
+``map_sum``/``map_max`` tell an engine or model change (they move too) from an analysis change (they do not).
+"""
 import pytest
 
-from tests.regenerate_golden import CASES, GOLDEN, NUMBERS, case_key, compute
+# (model, input side, number of images); ParC models only accept 224×224
+CASES = [
+    ("resnet18", 64, 4),
+    ("uniconvnet_a", 64, 4),
+    ("replknet_13", 64, 4),
+    ("conv2former_n", 64, 4),
+    ("parc_convnext_xt", 224, 2),
+]
+FIELDS = ["agd_score", "fit_sigma_major", "fit_sigma_minor", "r_squared", "beta2", "r(0.5)", "centre_y", "centre_x",
+          "map_sum", "map_max"]
 
-GOLDEN_DATA = json.loads(GOLDEN.read_text())
+
+def case_key(model_name: str, size: int, images: int) -> str:
+    return f"{model_name}@{size}x{size}/{images}img"
 
 
 def _params():
@@ -21,19 +38,14 @@ def _params():
 
 
 @pytest.mark.parametrize("name,size,images", list(_params()))
-def test_golden_scores(name, size, images):
-    expected = GOLDEN_DATA["cases"].get(case_key(name, size, images))
-    if expected is None:
-        pytest.fail(f"no golden values for {case_key(name, size, images)}: run python -m tests.regenerate_golden {name}")
-    got = compute(name, size, images)
-    tol = GOLDEN_DATA["tolerance"]
-    mismatches = {}
-    for key in NUMBERS:
-        want, have = expected[key], got[key]
-        if want is None or have is None:
-            ok = want is None and (have is None or not np.isfinite(have))
-        else:
-            ok = bool(np.isclose(have, want, rtol=tol["rtol"], atol=tol["atol"]))
-        if not ok:
-            mismatches[key] = (want, have)
-    assert not mismatches, f"{case_key(name, size, images)} (expected, got): {mismatches}"
+def test_golden_scores(erf_regression, name, size, images):
+    import timm
+    import torch
+
+    from erf_tools.weights import activate_branches
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    activate_branches(model, seed=0)
+    inputs = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    erf_regression.check(model, images=inputs, protocol="replknet", bootstrap=0, fields=FIELDS)

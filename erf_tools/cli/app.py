@@ -338,6 +338,25 @@ def models(
         render.plain(tables.format_table(rows, table.value, catalogue.MODEL_COLUMNS))
 
 
+# ------------------------------------------------------------------------------------------------------------ check
+@app.command()
+def check(
+    checks: Annotated[Path, typer.Argument(help="A CHECKS.toml: models with settings, expectations and/or snapshot "
+                                           "files.", show_default=False)],
+    update: Annotated[bool, typer.Option("--update", help="Write or rewrite the snapshot files instead of "
+                                         "comparing.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for side-by-side figures of "
+                                                "regressions.", show_default=False)] = None,
+) -> None:
+    """Run ERF regression checks (exit code 0 pass, 1 regression, 2 bad input)."""
+    from erf_tools.testing.checks import format_results, run_checks
+
+    with _errors():
+        run = run_checks(checks, update=update, out=out)
+    render.plain(format_results(run))
+    raise typer.Exit(run.exit_code)
+
+
 def main() -> None:
     """Entry point of the ``erf`` script."""
     app()
