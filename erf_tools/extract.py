@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from erf_tools.images import ImageSource, Preprocessing, iter_inputs, open_image_source, preprocessing_for
+from erf_tools.images import (ImageSource, Preprocessing, iter_inputs, open_image_source, preprocessing_for,
+                              warn_preprocessing_mismatch)
 from erf_tools.protocols import ERFOptions, resolve_options
 from erf_tools.receptive_field import LayerLog, path_geometry, unit_centre
 from erf_tools.results import ERFResult, atomic_write_bytes
@@ -1126,6 +1127,8 @@ def _measure(
         fft_depthwise = fft_depthwise or chosen["fft_depthwise"]
 
     stream, source_description, preprocess = _input_stream(images, model, opts, num_images, seed, shard)
+    if weights_info.init_mode == "loaded":  # trained weights: say when the protocol normalises differently
+        warn_preprocessing_mismatch(opts.preprocessing, preprocess, model, model_name)
     total_images = source_description["num_images"]
     input_hw = tuple(source_description["input_size"])
     factor = max(1, -(-max(input_hw) // per_image_resolution))

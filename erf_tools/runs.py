@@ -75,6 +75,7 @@ class MeasureSettings:
     seed: int
     full_protocol: bool
     quick: bool  # True when the quick defaults replaced the protocol's larger input size
+    weights_note: str | None = None  # why these weights, when they were chosen by default
 
     def describe(self) -> str:
         """One line for a terminal: everything the run will use."""
@@ -83,6 +84,8 @@ class MeasureSettings:
         text = (f"model {self.model} · protocol {self.protocol} · {size} · {self.num_images} images from "
                 f"{self.images} · weights {self.weights} · target {targets} · batch {self.batch_size} · "
                 f"{self.device} {self.precision} · seed {self.seed}")
+        if self.weights_note:
+            text += f"\nweights: {self.weights_note}"
         return text
 
 
@@ -93,7 +96,7 @@ def measure_settings(
     input_size: int | None = None,
     num_images: int | None = None,
     images: str = "sample",
-    weights: str = "random",
+    weights: str | None = "random",
     targets: Sequence[str] | None = None,
     batch_size: int = 2,
     device: str = "cpu",
@@ -101,7 +104,11 @@ def measure_settings(
     seed: int = 0,
     full_protocol: bool = False,
 ) -> MeasureSettings:
-    """Resolve the input size and image count: explicit values, else full-protocol or quick defaults."""
+    """Resolve the input size and image count: explicit values, else full-protocol or quick defaults.
+
+    ``weights="default"`` (or None) is decided here (:func:`erf_tools.weights_choice.default_weights`: trained
+    weights on disk or quickly downloadable, else the ``active`` probe) and the reason kept in ``weights_note``.
+    """
     if protocol not in PRESETS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PRESETS)}")
     check_model_name(model)
@@ -125,10 +132,16 @@ def measure_settings(
 
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    weights_note = None
+    if weights is None or weights == "default":
+        from erf_tools.weights_choice import default_weights
+
+        decision = default_weights(model)
+        weights, weights_note = decision.weights, decision.sentence
     return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=int(num_images),
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
                            batch_size=int(batch_size), device=str(device), precision=str(precision), seed=int(seed),
-                           full_protocol=bool(full_protocol), quick=quick)
+                           full_protocol=bool(full_protocol), quick=quick, weights_note=weights_note)
 
 
 def check_model_name(model: str) -> None:
@@ -287,7 +300,7 @@ def run_measure(
     if resume and not partial.is_file():
         raise FileNotFoundError(
             f"there is no partial result to resume at {str(partial)!r}; run without --resume to start")
-    out.mkdir(parents=True, exist_ok=True)
+    # ``out`` is made by the first file written into it, so a run refused early (bad checkpoint) leaves no folder
     done = {"images": 0}
 
     def tracked(images_done: int, total: int) -> None:
@@ -630,6 +643,7 @@ MODEL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("params_m", "params (M)", "float1"),
     ("erf_layer", "default ERF layer", "text"),
     ("weights", "weights available (tag: file)", "text"),
+    ("on_disk", "on disk", "text"),
 )
 
 
@@ -645,19 +659,13 @@ def _is_own_model(name: str) -> bool:
     return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
 
 
-def _weight_files(name: str) -> list[str]:
-    import timm.models
+def _weight_files(name: str) -> tuple[list[str], list[str]]:
+    """``tag: file`` of every published checkpoint of ``name``, and the tags already on disk."""
+    from erf_tools.pretrained import find_cached, pretrained_sources
 
-    files = []
-    for tagged in timm.list_pretrained(f"{name}.*"):
-        cfg = timm.models.get_pretrained_cfg(tagged)
-        if cfg is None:
-            continue
-        filename = (cfg.hf_hub_filename or (Path(cfg.file).name if cfg.file else None)
-                    or (Path(cfg.url).name if cfg.url else None)
-                    or ("model.safetensors" if cfg.hf_hub_id else None) or "?")
-        files.append(f"{tagged.split('.', 1)[1]}: {filename}")
-    return files
+    sources = pretrained_sources(name)
+    return ([f"{s.tag}: {s.filename or '?'}" for s in sources],
+            [s.tag for s in sources if find_cached(s) is not None])
 
 
 def models_table(pattern: str | None = None, *, parameters: bool = True) -> list[dict[str, Any]]:
@@ -666,8 +674,9 @@ def models_table(pattern: str | None = None, *, parameters: bool = True) -> list
     Without ``pattern``, the models registered outside timm (erf-tools' families and any module imported with
     ``--import``); with a pattern (``"resnet*"``), the matching timm registry names. Parameters and the ERF layer
     are read from a model built on the meta device (no memory, no weights); ``parameters=False`` skips that.
-    Weight files are the checkpoint file names of each pretrained tag (timm ``pretrained_cfg``); erf-tools does not
-    download them (pass a local path to ``--weights``).
+    Weight files are the checkpoint file names of each pretrained tag (timm ``pretrained_cfg``); ``on_disk`` lists
+    the tags already in the caches (``--weights pretrained:TAG`` downloads the others, see
+    :mod:`erf_tools.pretrained`).
     """
     import timm
     import torch
@@ -678,8 +687,10 @@ def models_table(pattern: str | None = None, *, parameters: bool = True) -> list
     names = timm.list_models(pattern) if pattern else [n for n in timm.list_models() if _is_own_model(n)]
     rows = []
     for name in names:
+        files, on_disk = _weight_files(name)
         row: dict[str, Any] = {"name": name, "family": _family(name), "params_m": None, "erf_layer": None,
-                               "weights": ", ".join(_weight_files(name)) or "none (random / active init only)"}
+                               "weights": ", ".join(files) or "none (random / active init only)",
+                               "on_disk": ", ".join(on_disk) or ("none" if files else "")}
         if parameters:
             try:
                 with torch.device("meta"):

@@ -228,12 +228,10 @@ def prepare_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tupl
     (:mod:`erf_tools.converters`), then the family's ``checkpoint_filter_fn`` (official formats).
 
     Returns the state, the layout name (``native``, the converter's name, or ``<family> official``) and the
-    converter's name (None when none was applied).
+    converter's name (None when none was applied). Raises :class:`~erf_tools.converters.ConversionError` when a
+    recognised layout does not fit the model.
     """
-    try:
-        converted, converter = convert_state_dict(state, model)
-    except ConversionError as exc:
-        raise CheckpointError(str(exc)) from exc
+    converted, converter = convert_state_dict(state, model)
     module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     filtered = converted
@@ -241,8 +239,8 @@ def prepare_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tupl
         try:
             filtered = filter_fn(converted, model)
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"the {module.__name__.rsplit('.', 1)[-1]} checkpoint filter refused the "
-                                  f"checkpoint: {exc}") from exc
+            raise ConversionError(f"the {module.__name__.rsplit('.', 1)[-1]} checkpoint filter refused it: {exc}"
+                                  ) from exc
     if converter is not None:
         return filtered, converter.name, converter.name
     layout = "native" if set(filtered) == set(state) else f"{module.__name__.rsplit('.', 1)[-1]} official"
@@ -260,7 +258,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     """
     path = Path(path)
     raw = read_state_dict(path)
-    state, layout, converter = prepare_state_dict(raw, model)
+    try:
+        state, layout, converter = prepare_state_dict(raw, model)
+    except ConversionError as exc:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {name}: {exc}") from exc
 
     own = model.state_dict()
     for head in _classifier_names(model):
