@@ -122,11 +122,10 @@ def offline_reason() -> str | None:
 
 # ----------------------------------------------------------------------------------------------------- the configs
 def _source_from_cfg(architecture: str, tag: str, cfg) -> PretrainedSource:
-    filename = cfg.hf_hub_filename or (Path(cfg.file).name if cfg.file else None) or (
-        Path(urlparse(cfg.url).path).name if cfg.url else None)
     candidates = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_DEFAULT_FILES if cfg.hf_hub_id else ()
-    if cfg.hf_hub_id and not filename:
-        filename = HF_DEFAULT_FILES[0]
+    # the file that will be fetched: the hub's when there is a hub id (timm prefers the hub), else the URL's
+    filename = candidates[0] if candidates else (Path(cfg.file).name if cfg.file else None) or (
+        Path(urlparse(cfg.url).path).name if cfg.url else None)
     notes = cfg.notes if isinstance(cfg.notes, (list, tuple)) else ((cfg.notes,) if cfg.notes else ())
     return PretrainedSource(
         architecture=architecture, tag=tag, filename=filename, hf_hub_id=cfg.hf_hub_id or None,
@@ -156,6 +155,21 @@ def pretrained_sources(model: str) -> list[PretrainedSource]:
     return sources
 
 
+def no_checkpoint_note(model: str) -> str:
+    """Why ``model`` has no fetchable or named checkpoint, from its default config (origin and notes)."""
+    import timm.models
+
+    import erf_tools.models  # noqa: F401  (registers the project's families)
+
+    architecture = model.split(".", 1)[0]
+    cfg = timm.models.get_pretrained_cfg(architecture)
+    notes = "; ".join(cfg.notes) if cfg is not None and isinstance(cfg.notes, (list, tuple)) else (
+        cfg.notes if cfg is not None and cfg.notes else "")
+    origin = cfg.origin_url if cfg is not None and cfg.origin_url else None
+    where = f" (official code: {origin}{'; ' + notes if notes else ''})" if origin else (f" ({notes})" if notes else "")
+    return f"{architecture} declares no checkpoint with a download address or file name{where}"
+
+
 def pretrained_source(model: str, tag: str | None = None) -> PretrainedSource:
     """The checkpoint ``model.tag`` (the default tag when ``tag`` is None and ``model`` names none)."""
     architecture, _, named = model.partition(".")
@@ -163,8 +177,8 @@ def pretrained_source(model: str, tag: str | None = None) -> PretrainedSource:
     sources = pretrained_sources(architecture)
     if not sources:
         raise WeightsUnavailableError(
-            f"{architecture} declares no published checkpoints; use --weights PATH for a local file, or "
-            "--weights active for the architecture probe")
+            f"{no_checkpoint_note(architecture)}; use --weights PATH for a local file, or --weights active for the "
+            "architecture probe")
     if tag is None:
         return sources[0]
     for source in sources:
@@ -184,8 +198,11 @@ def find_cached(source: PretrainedSource) -> Path | None:
             found = try_to_load_from_cache(source.hf_hub_id, filename, cache_dir=hub_cache_dir())
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found)
-    if source.filename:
-        candidate = torch_checkpoint_dir() / source.filename
+    names = [source.filename] if source.filename and not source.hf_hub_id else []
+    if source.url:  # timm's URL downloads land in torch hub's checkpoints folder under the URL's file name
+        names.append(Path(urlparse(source.url).path).name)
+    for name in names:
+        candidate = torch_checkpoint_dir() / name
         if candidate.is_file():
             return candidate
     return None
@@ -315,15 +332,31 @@ class _SilentTqdm:
 def fetch(model: str, tag: str | None = None, *, download_missing: bool = True, progress: bool = True,
           connect_timeout: float = CONNECT_TIMEOUT) -> tuple[PretrainedSource, Path]:
     """The checkpoint of ``model.tag`` on disk: from the cache, else downloaded (unless ``download_missing=False``,
-    then :class:`WeightsUnavailableError`)."""
-    source = pretrained_source(model, tag)
-    cached = find_cached(source)
+    then :class:`WeightsUnavailableError`). Without a tag, the first published checkpoint already on disk, else the
+    first downloadable one (official releases on Google Drive / Baidu cannot be fetched by a program)."""
+    if tag is None and "." not in model:
+        source, cached = _preferred(model)
+    else:
+        source = pretrained_source(model, tag)
+        cached = find_cached(source)
     if cached is not None:
         return source, cached
     if not download_missing:
         raise WeightsUnavailableError(unavailable_message(source, "downloads were not allowed"),
                                       "downloads were not allowed")
     return source, download(source, progress=progress, connect_timeout=connect_timeout)
+
+
+def _preferred(model: str) -> tuple[PretrainedSource, Path | None]:
+    """Without a tag: the first published checkpoint on disk, else the first downloadable one, else the default."""
+    sources = pretrained_sources(model)
+    if not sources:
+        pretrained_source(model)  # raises: no published checkpoints
+    for source in sources:
+        cached = find_cached(source)
+        if cached is not None:
+            return source, cached
+    return next((s for s in sources if s.downloadable), sources[0]), None
 
 
 def checkpoints_on_disk(model: str) -> list[tuple[PretrainedSource, Path]]:

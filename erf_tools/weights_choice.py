@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erf_tools.pretrained import (CONNECT_TIMEOUT, WeightsUnavailableError, download, find_cached, offline_reason,
-                                  pretrained_sources)
+from erf_tools.pretrained import (CONNECT_TIMEOUT, WeightsUnavailableError, download, find_cached,
+                                  no_checkpoint_note, offline_reason, pretrained_sources)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def default_weights(model: str, *, download_missing: bool = True, connect_timeou
     probe = "the architecture probe (weights active: all branches live, seeded; not a trained network)"
     downloadable = [s for s in sources if s.downloadable]
     if not sources:
-        return WeightsDecision("active", "probe", f"{architecture} publishes no checkpoint: using {probe}")
+        return WeightsDecision("active", "probe", f"{no_checkpoint_note(architecture)}: using {probe}")
     if not downloadable:
         return WeightsDecision("active", "probe", (
             f"{sources[0].name} ({sources[0].filename or 'no file name'}) is not on disk and cannot be downloaded "
