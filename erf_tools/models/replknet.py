@@ -549,6 +549,10 @@ def checkpoint_filter_fn(state_dict: Mapping, model: RepLKNet) -> dict[str, torc
     * unmerged checkpoint, merged model: the checkpoint's branches are folded (:func:`merge_state_dict`).
     """
     state = unwrap_checkpoint(state_dict)
+    if any(k.startswith("backbone.") for k in state):  # mmpretrain's layout (timm.create_model(pretrained=True))
+        from erf_tools.converters import convert_state_dict
+
+        state, _ = convert_state_dict(state, model)
     if any(".dw.dw_large." in k or k.startswith("blocks.") for k in state):
         raise ValueError(
             "this looks like a MegEngine RepLKNet checkpoint (dw.dw_large / flat blocks.N keys); only the official "
