@@ -49,7 +49,7 @@ def test_torchvision_resnet_is_native(tmp_path):
 
 def _tiny_replknet(**extra):
     return timm.create_model("replknet_31b", large_kernel_sizes=(7, 7, 5, 5), layers=(1, 1, 1, 1), small_kernel=3,
-                             channels=(8, 16, 32, 64), num_classes=10, **extra)
+                             channels=(8, 16, 32, 64), **extra)
 
 
 def _as_mmpretrain(state: dict) -> dict:
@@ -155,3 +155,13 @@ def test_refused_checkpoint_prints_no_bar_and_leaves_no_folder(tmp_path):
                                      "--size", "64", "-n", "1"])
     assert isinstance(debug.exception, CheckpointError)
     assert "model tensors in order" in debug.output and "net.conv1.0.weight" in debug.output
+
+
+def test_timm_pretrained_loads_an_mmpretrain_file_through_the_family_filter(tmp_path):
+    torch.manual_seed(0)
+    reference = _tiny_replknet()
+    activate_branches(reference, seed=5)
+    path = tmp_path / "replknet-31B_3rdparty_in1k.pth"
+    torch.save({"state_dict": _as_mmpretrain(reference.state_dict())}, path)
+    model = _tiny_replknet(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert _same_function(model, reference, 64) < 1e-5
