@@ -209,32 +209,34 @@ def find_cached(source: PretrainedSource) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------------ download
-def _resolves_within(host: str, timeout: float) -> bool:
-    """DNS lookup in a daemon thread, so that a dead resolver cannot block longer than ``timeout``."""
-    outcome: dict[str, bool] = {}
+def _resolve_within(host: str, timeout: float) -> str | None:
+    """DNS lookup in a daemon thread, so that a dead resolver cannot block longer than ``timeout``; the reason it
+    failed, or None."""
+    outcome: dict[str, str | None] = {}
 
     def lookup() -> None:
         try:
             socket.getaddrinfo(host, 443)
-            outcome["ok"] = True
-        except OSError:
-            outcome["ok"] = False
+            outcome["error"] = None
+        except OSError as exc:
+            outcome["error"] = f"its name does not resolve ({exc.strerror or exc})"
 
     thread = threading.Thread(target=lookup, daemon=True, name="erf-dns")
     thread.start()
     thread.join(timeout)
-    return outcome.get("ok", False)
+    return outcome.get("error", f"its name did not resolve within {timeout:g} s")
 
 
-def host_reachable(host: str, timeout: float = CONNECT_TIMEOUT) -> bool:
-    """Does ``host`` accept a TCP connection on port 443 within ``timeout`` seconds (DNS included)?"""
-    if not _resolves_within(host, timeout):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def unreachable_reason(host: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why ``host`` cannot be reached on port 443 within ``timeout`` seconds (DNS, then TCP), or None if it can."""
+    failed = _resolve_within(host, timeout)
+    if failed is None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                return None
+        except OSError as exc:
+            failed = f"no connection within {timeout:g} s ({exc.strerror or type(exc).__name__})"
+    return f"{host} cannot be reached: {failed}; offline?"
 
 
 def unavailable_message(source: PretrainedSource, reason: str) -> str:
@@ -269,9 +271,7 @@ def download(source: PretrainedSource, *, progress: bool = True, connect_timeout
     if not source.downloadable:
         reason = "it is not published at an address a program can download from"
         raise WeightsUnavailableError(unavailable_message(source, reason), reason)
-    reason = offline_reason()
-    if reason is None and not host_reachable(source.host, connect_timeout):
-        reason = f"{source.host} cannot be reached (no connection within {connect_timeout:g} s: offline?)"
+    reason = offline_reason() or unreachable_reason(source.host, connect_timeout)
     if reason is not None:
         raise WeightsUnavailableError(unavailable_message(source, reason), reason)
     try:

@@ -42,7 +42,7 @@ def online(monkeypatch):
     """Downloads allowed and every host 'reachable' (the download functions themselves are monkeypatched)."""
     monkeypatch.delenv("ERF_TOOLS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(pretrained, "host_reachable", lambda host, timeout=0: True)
+    monkeypatch.setattr(pretrained, "unreachable_reason", lambda host, timeout=0: None)
 
 
 @pytest.fixture
@@ -91,13 +91,25 @@ def test_offline_pretrained_fails_at_once_with_file_origin_and_destination():
 def test_a_dead_network_fails_within_the_connect_timeout(no_network):
     source = pretrained_source("uniconvnet_t")
     started = time.perf_counter()
-    with pytest.raises(WeightsUnavailableError, match="huggingface.co cannot be reached"):
+    with pytest.raises(WeightsUnavailableError, match="huggingface.co cannot be reached: its name did not resolve "
+                                                      "within 0.3 s"):
         pretrained.download(source, connect_timeout=0.3)
     assert time.perf_counter() - started < 2.0  # DNS and connect both hang: bounded, never stuck
     started = time.perf_counter()
     decision = default_weights("uniconvnet_t", connect_timeout=0.3)
     assert decision.weights == "active" and time.perf_counter() - started < 2.0
     assert "cannot be reached" in decision.sentence and "architecture probe" in decision.sentence
+
+
+def test_a_refused_connection_is_reported(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert pretrained.unreachable_reason("example.org", 0.2) == (
+        "example.org cannot be reached: no connection within 0.2 s (Connection refused); offline?")
 
 
 def test_manual_release_says_where_to_put_the_file():
