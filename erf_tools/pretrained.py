@@ -219,7 +219,7 @@ def _resolve_within(host: str, timeout: float) -> str | None:
             socket.getaddrinfo(host, 443)
             outcome["error"] = None
         except OSError as exc:
-            outcome["error"] = f"its name does not resolve ({exc.strerror or exc})"
+            outcome["error"] = f"its name does not resolve: {exc.strerror or exc}"
 
     thread = threading.Thread(target=lookup, daemon=True, name="erf-dns")
     thread.start()
@@ -235,8 +235,8 @@ def unreachable_reason(host: str, timeout: float = CONNECT_TIMEOUT) -> str | Non
             with socket.create_connection((host, 443), timeout=timeout):
                 return None
         except OSError as exc:
-            failed = f"no connection within {timeout:g} s ({exc.strerror or type(exc).__name__})"
-    return f"{host} cannot be reached: {failed}; offline?"
+            failed = f"no connection within {timeout:g} s: {exc.strerror or type(exc).__name__}"
+    return f"{host} cannot be reached ({failed}; offline?)"
 
 
 def unavailable_message(source: PretrainedSource, reason: str) -> str:
