@@ -20,6 +20,7 @@ Register your own with :func:`register_converter`.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ State = dict[str, torch.Tensor]
 
 class ConversionError(ValueError):
     """A recognised checkpoint layout could not be converted completely into the model's layout."""
+
+
+class LayoutWarning(UserWarning):
+    """A checkpoint converts into the model, but the model computes something slightly different from its source."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,11 @@ _LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_
 
 
 def _convert_lukemelas(state: State, model: nn.Module) -> State:
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
+    if not architecture.startswith("tf_"):
+        warnings.warn(f"lukemelas EfficientNet weights are TensorFlow ports ('same' padding, BN eps 1e-3); "
+                      f"{architecture or 'this model'} pads symmetrically: load them into the tf_ variant to "
+                      "reproduce the trained network", LayoutWarning, stacklevel=4)
     paths = _timm_block_paths(model)
     out = {}
     for key, value in state.items():

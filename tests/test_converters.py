@@ -87,7 +87,8 @@ def test_lukemelas_layout_into_the_wrong_variant_says_so(tmp_path):
             "_blocks.99._project_conv.weight": torch.zeros(1)}
     path = tmp_path / "efficientnet-b0.pth"
     torch.save(fake, path)
-    with pytest.raises(CheckpointError, match=r"does not fit test_efficientnet: checkpoint block 99 does not exist"):
+    with pytest.warns(converters.LayoutWarning, match="TensorFlow ports"), \
+            pytest.raises(CheckpointError, match=r"does not fit test_efficientnet: checkpoint block 99 does not exist"):
         load_checkpoint(model, path)
 
 
