@@ -50,6 +50,7 @@ MODEL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("params_m", "params (M)", "float1"),
     ("erf_layer", "default ERF layer", "text"),
     ("weights", "weights available (tag: file)", "text"),
+    ("on_disk", "on disk", "text"),
 )
 
 
@@ -65,19 +66,13 @@ def _is_own_model(name: str) -> bool:
     return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
 
 
-def _weight_files(name: str) -> list[str]:
-    import timm.models
+def _weight_files(name: str) -> tuple[list[str], list[str]]:
+    """``tag: file`` of every published checkpoint of ``name``, and the tags already on disk."""
+    from erf_tools.pretrained import find_cached, pretrained_sources
 
-    files = []
-    for tagged in timm.list_pretrained(f"{name}.*"):
-        cfg = timm.models.get_pretrained_cfg(tagged)
-        if cfg is None:
-            continue
-        filename = (cfg.hf_hub_filename or (Path(cfg.file).name if cfg.file else None)
-                    or (Path(cfg.url).name if cfg.url else None)
-                    or ("model.safetensors" if cfg.hf_hub_id else None) or "?")
-        files.append(f"{tagged.split('.', 1)[1]}: {filename}")
-    return files
+    sources = pretrained_sources(name)
+    return ([f"{s.tag}: {s.filename or '?'}" for s in sources],
+            [s.tag for s in sources if find_cached(s) is not None])
 
 
 def models_table(pattern: str | None = None, *, parameters: bool = True) -> list[dict[str, Any]]:
@@ -86,8 +81,9 @@ def models_table(pattern: str | None = None, *, parameters: bool = True) -> list
     Without ``pattern``, the models registered outside timm (erf-tools' families and any module imported with
     ``--import``); with a pattern (``"resnet*"``), the matching timm registry names. Parameters and the ERF layer
     are read from a model built on the meta device (no memory, no weights); ``parameters=False`` skips that.
-    Weight files are the checkpoint file names of each pretrained tag (timm ``pretrained_cfg``); erf-tools does not
-    download them (pass a local path to ``--weights``).
+    Weight files are the checkpoint file names of each pretrained tag (timm ``pretrained_cfg``); ``on_disk`` lists
+    the tags already in the caches (``--weights pretrained:TAG`` downloads the others, see
+    :mod:`erf_tools.pretrained`).
     """
     import timm
     import torch
@@ -98,8 +94,10 @@ def models_table(pattern: str | None = None, *, parameters: bool = True) -> list
     names = timm.list_models(pattern) if pattern else [n for n in timm.list_models() if _is_own_model(n)]
     rows = []
     for name in names:
+        files, on_disk = _weight_files(name)
         row: dict[str, Any] = {"name": name, "family": _family(name), "params_m": None, "erf_layer": None,
-                               "weights": ", ".join(_weight_files(name)) or "none (random / active init only)"}
+                               "weights": ", ".join(files) or "none (random / active init only)",
+                               "on_disk": ", ".join(on_disk) or ("none" if files else "")}
         if parameters:
             try:
                 with torch.device("meta"):

@@ -87,16 +87,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocessing_for(rule: str, model: torch.nn.Module | None, input_size: int | None) -> Preprocessing | None:
-    """The preprocessing of a protocol: ``replknet`` warp, ``timm`` data config of ``model``, or ``none``."""
-    if rule == "none":
-        return None
-    if rule == "replknet":
-        size = input_size or 1024
-        return Preprocessing(size=(size, size), resize="warp", interpolation="bicubic")
+class PreprocessingWarning(UserWarning):
+    """The protocol preprocesses images differently from how the model's weights were trained."""
+
+
+def model_data_config(model: torch.nn.Module | None) -> dict[str, Any]:
+    """The model's own data config (timm ``pretrained_cfg``: input size, mean/std, interpolation, crop)."""
     import timm.data
 
-    config = timm.data.resolve_data_config({}, model=model) if model is not None else {}
+    return timm.data.resolve_data_config({}, model=model) if model is not None else {}
+
+
+def preprocessing_for(rule: str, model: torch.nn.Module | None, input_size: int | None) -> Preprocessing | None:
+    """The preprocessing of a protocol: ``replknet`` warp, ``timm`` data config of ``model``, ``model`` (the
+    ``replknet`` warp to the protocol's size with the model's own mean/std and interpolation), or ``none``."""
+    if rule == "none":
+        return None
+    if rule in ("replknet", "model"):
+        size = input_size or 1024
+        if rule == "replknet":
+            return Preprocessing(size=(size, size), resize="warp", interpolation="bicubic")
+        config = model_data_config(model)
+        return Preprocessing(size=(size, size), resize="warp",
+                             interpolation=str(config.get("interpolation", "bicubic")),
+                             mean=tuple(config.get("mean", IMAGENET_MEAN)), std=tuple(config.get("std", IMAGENET_STD)))
+    config = model_data_config(model)
     native = tuple(config.get("input_size", (3, 224, 224))[1:])
     size = (input_size, input_size) if input_size else native
     return Preprocessing(
@@ -107,6 +122,41 @@ def preprocessing_for(rule: str, model: torch.nn.Module | None, input_size: int 
         mean=tuple(config.get("mean", IMAGENET_MEAN)),
         std=tuple(config.get("std", IMAGENET_STD)),
     )
+
+
+def preprocessing_mismatch(preprocess: Preprocessing | None, model: torch.nn.Module | None) -> list[str]:
+    """How ``preprocess`` differs from the model's own data config: normalisation and interpolation (one phrase
+    each; empty when they agree). The resize geometry is the protocol's choice and is not compared."""
+    if preprocess is None or model is None:
+        return []
+    config = model_data_config(model)
+    differences = []
+
+    def rounded(values) -> tuple[float, ...]:
+        return tuple(round(float(v), 4) for v in values)
+
+    for name in ("mean", "std"):
+        theirs = config.get(name)
+        if theirs is not None and rounded(theirs) != rounded(getattr(preprocess, name)):
+            differences.append(f"{name} {rounded(getattr(preprocess, name))} instead of the model's {rounded(theirs)}")
+    interpolation = config.get("interpolation")
+    if interpolation and str(interpolation) != preprocess.interpolation:
+        differences.append(f"{preprocess.interpolation} resizing instead of the model's {interpolation}")
+    return differences
+
+
+def warn_preprocessing_mismatch(rule: str, preprocess: Preprocessing | None, model: torch.nn.Module | None,
+                                model_name: str = "the model") -> list[str]:
+    """Warn (:class:`PreprocessingWarning`) when the protocol's preprocessing differs from the model's data config
+    (only meaningful for trained weights); return the differences."""
+    differences = preprocessing_mismatch(preprocess, model)
+    if differences and rule != "timm":
+        warnings.warn(
+            f"the {rule!r} preprocessing feeds {model_name} images with {'; '.join(differences)} (its trained "
+            "weights expect the model's own data config): pass preprocessing='model' (CLI --option "
+            "preprocessing=model) to keep the protocol's resize with the model's normalisation",
+            PreprocessingWarning, stacklevel=2)
+    return differences
 
 
 @dataclass

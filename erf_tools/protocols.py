@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple] = {
     "rgb_reduction": ("sum", "mean"),
     "image_reduction": ("mean", "sum"),
     "normalisation": ("none", "sum", "max"),
-    "preprocessing": ("replknet", "timm", "none"),
+    "preprocessing": ("replknet", "timm", "model", "none"),
 }
 
 
@@ -45,7 +45,8 @@ class ERFOptions:
     image_reduction: ``mean`` over valid images or ``sum``.
     normalisation: ``none``, ``sum`` (the map sums to 1) or ``max`` (the map's maximum is 1).
     preprocessing: ``replknet`` (bicubic warp to S×S, ImageNet mean/std), ``timm`` (the model's data config),
-        ``none`` (tensors are used as given).
+        ``model`` (the ``replknet`` warp with the model's own mean/std and interpolation), ``none`` (tensors are used
+        as given).
     input_size: S for the warp resize / crop; None = the model's native size (timm data config).
     """
 

@@ -70,6 +70,7 @@ class MeasureSettings:
     seed: int
     full_protocol: bool
     quick: bool  # True when the quick defaults replaced the protocol's larger input size
+    weights_note: str | None = None  # why these weights, when they were chosen by default
 
     def describe(self) -> str:
         """One line for a terminal: everything the run will use."""
@@ -78,6 +79,8 @@ class MeasureSettings:
         text = (f"model {self.model} · protocol {self.protocol} · {size} · {self.num_images} images from "
                 f"{self.images} · weights {self.weights} · target {targets} · batch {self.batch_size} · "
                 f"{self.device} {self.precision} · seed {self.seed}")
+        if self.weights_note:
+            text += f"\nweights: {self.weights_note}"
         return text
 
     def measure_config(self, **changes: Any) -> MeasureConfig:
@@ -100,7 +103,7 @@ def measure_settings(
     input_size: int | None = None,
     num_images: int | None = None,
     images: str = "sample",
-    weights: str = "random",
+    weights: str | None = "random",
     targets: Sequence[str] | None = None,
     batch_size: int | str = 2,
     device: str = "cpu",
@@ -108,7 +111,11 @@ def measure_settings(
     seed: int = 0,
     full_protocol: bool = False,
 ) -> MeasureSettings:
-    """Resolve the input size and image count: explicit values, else full-protocol or quick defaults."""
+    """Resolve the input size and image count: explicit values, else full-protocol or quick defaults.
+
+    ``weights="default"`` (or None) is decided here (:func:`erf_tools.weights_choice.default_weights`: trained
+    weights on disk or quickly downloadable, else the ``active`` probe) and the reason kept in ``weights_note``.
+    """
     if protocol not in PRESETS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PRESETS)}")
     check_model_name(model)
@@ -132,10 +139,16 @@ def measure_settings(
 
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    weights_note = None
+    if weights is None or weights == "default":
+        from erf_tools.weights_choice import default_weights
+
+        decision = default_weights(model)
+        weights, weights_note = decision.weights, decision.sentence
     return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=int(num_images),
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
                            batch_size=batch_size, device=str(device), precision=str(precision), seed=int(seed),
-                           full_protocol=bool(full_protocol), quick=quick)
+                           full_protocol=bool(full_protocol), quick=quick, weights_note=weights_note)
 
 
 @dataclass
@@ -261,7 +274,7 @@ def run_measure(
     if resume and not partial.is_file():
         raise FileNotFoundError(
             f"there is no partial result to resume at {str(partial)!r}; run without --resume to start")
-    out.mkdir(parents=True, exist_ok=True)
+    # ``out`` is made by the first file written into it, so a run refused early (bad checkpoint) leaves no folder
     done = {"images": 0}
 
     def tracked(images_done: int, total: int) -> None:

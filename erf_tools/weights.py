@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from erf_tools.converters import ConversionError, alignment, convert_state_dict, recognised_layouts
 from erf_tools.models.common import unwrap_checkpoint
+from erf_tools.pretrained import WeightsUnavailableError, fetch  # noqa: F401  (re-exported for callers)
 
 LAYER_SCALE_NAMES = ("gamma", "gamma1", "gamma2", "layer_scale", "layer_scale_1", "layer_scale_2")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -40,19 +43,30 @@ class RandomInitWarning(UserWarning):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint could not be read, was refused, or does not match the model."""
+    """A checkpoint could not be read, was refused, or does not match the model.
+
+    ``details`` (when set) holds the full key lists of a mismatch, ``report_path`` the file they were written to.
+    """
+
+    details: str | None = None
+    report_path: Path | None = None
 
 
 @dataclass(frozen=True)
 class WeightsInfo:
     """Where the weights came from; stored in every result."""
 
-    source: str  # "random", "active", "checkpoint", "timm-pretrained"
-    init_mode: str  # "default", "active" or "loaded"
+    source: str  # "random", "active", "checkpoint", "pretrained", "module"
+    init_mode: str  # "default", "active", "loaded" or "as given"
     path: str | None = None
-    tag: str | None = None
+    tag: str | None = None  # "<architecture>.<tag>" of a published checkpoint
     seed: int | None = None
     silenced_branches: list[str] = field(default_factory=list)
+    file: str | None = None  # the checkpoint's file name
+    layout: str | None = None  # "native", "<family> official" or a converter's name
+    converter: str | None = None  # the converter applied (erf_tools.converters), None when none was needed
+    published_at: str | None = None  # where a published checkpoint comes from
+    decision: str | None = None  # why these weights, when they were chosen by default (erf_tools.weights_choice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,16 +181,21 @@ def _classifier_names(model: nn.Module) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> WeightsInfo:
-    """Load a local checkpoint into ``model`` (safely, ``weights_only=True``); return where the weights came from.
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The bare state dict of a local checkpoint file, read safely (``weights_only=True`` or safetensors).
 
-    Unwraps official wrappers (``{'model': ...}``, ``{'state_dict': ...}``, EMA files, ``module.`` prefixes), applies
-    the family's ``checkpoint_filter_fn`` when the model's module defines one, and resizes the classifier when the
-    checkpoint has a different number of classes (ImageNet-22k heads): the ERF does not depend on the head.
+    Unwraps official wrappers (``{'model': ...}``, ``{'state_dict': ...}``, EMA files, ``module.`` prefixes).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
     try:
         # Official training scripts (RepLKNet, UniConvNet/ConvNeXt ``save_model``) store their ``args`` Namespace
         # beside the weights; it holds only data, so it is the one class allowed besides tensors and containers.
@@ -200,11 +219,50 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
         raise CheckpointError(f"{str(path)!r} is not a checkpoint: {exc}") from exc
     if not state:
         raise CheckpointError(f"{str(path)!r} holds no tensors")
+    return state
 
+
+def prepare_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str,
+                                                                                 str | None]:
+    """Bring ``state`` into ``model``'s layout: a registered converter recognised from the keys
+    (:mod:`erf_tools.converters`), then the family's ``checkpoint_filter_fn`` (official formats).
+
+    Returns the state, the layout name (``native``, the converter's name, or ``<family> official``) and the
+    converter's name (None when none was applied). Raises :class:`~erf_tools.converters.ConversionError` when a
+    recognised layout does not fit the model.
+    """
+    converted, converter = convert_state_dict(state, model)
     module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    filtered = converted
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        try:
+            filtered = filter_fn(converted, model)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConversionError(f"the {module.__name__.rsplit('.', 1)[-1]} checkpoint filter refused it: {exc}"
+                                  ) from exc
+    if converter is not None:
+        return filtered, converter.name, converter.name
+    layout = "native" if set(filtered) == set(state) else f"{module.__name__.rsplit('.', 1)[-1]} official"
+    return filtered, layout, None
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> WeightsInfo:
+    """Load a local checkpoint into ``model`` (safely, ``weights_only=True``); return where the weights came from.
+
+    Unwraps official wrappers (:func:`read_state_dict`), converts foreign layouts recognised from their keys and
+    applies the family's ``checkpoint_filter_fn`` (:func:`prepare_state_dict`), and resizes the classifier when
+    the checkpoint has a different number of classes (ImageNet-22k heads): the ERF does not depend on the head.
+    A mismatch raises :class:`CheckpointError` whose message says whether the shapes line up one-to-one (a naming
+    mismatch); its ``details`` and the file ``report_path`` hold the full key lists.
+    """
+    path = Path(path)
+    raw = read_state_dict(path)
+    try:
+        state, layout, converter = prepare_state_dict(raw, model)
+    except ConversionError as exc:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {name}: {exc}") from exc
 
     own = model.state_dict()
     for head in _classifier_names(model):
@@ -226,24 +284,58 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if mismatched or (strict and (missing or unexpected)):
-        raise CheckpointError(_mismatch_message(path, type(model).__name__, missing, unexpected, mismatched))
+        raise _mismatch_error(path, model, raw, own, missing, unexpected, mismatched)
     model.load_state_dict(state, strict=strict)
-    return WeightsInfo(source="checkpoint", init_mode="loaded", path=str(path))
+    return WeightsInfo(source="checkpoint", init_mode="loaded", path=str(path), file=path.name, layout=layout,
+                       converter=converter)
 
 
-def _mismatch_message(path: Path, arch: str, missing: list, unexpected: list, mismatched: list) -> str:
+#: Folder for the full key lists of refused checkpoints (a user's ``--debug`` aid).
+KEY_REPORT_DIR = Path(tempfile.gettempdir()) / "erf-tools"
+
+
+def _mismatch_error(path: Path, model: nn.Module, raw: dict, own: dict, missing: list, unexpected: list,
+                    mismatched: list) -> CheckpointError:
+    arch = type(model).__name__
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or arch
+
     def listing(title: str, items: list) -> str:
         if not items:
             return ""
         shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
         return f"\n  {title}: {shown}"
 
-    return (
-        f"checkpoint {str(path)!r} does not match the {arch} architecture"
+    lined_up = alignment(raw, own)
+    layouts = recognised_layouts(raw)
+    hint = (f"\n  recognised layout {', '.join(c.name for c in layouts)} (for {', '.join(c.target for c in layouts)}),"
+            f" but not for {name}" if layouts else "")
+    details = "\n".join(
+        [f"checkpoint {path} vs model {name} ({arch})", "", f"missing keys ({len(missing)}):", *missing, "",
+         f"unexpected keys ({len(unexpected)}):", *unexpected, "", f"shape mismatches ({len(mismatched)}):",
+         *mismatched, "", f"checkpoint tensors in order ({len(raw)}):",
+         *(f"{k} {tuple(v.shape)}" for k, v in raw.items()), "", f"model tensors in order ({len(own)}):",
+         *(f"{k} {tuple(v.shape)}" for k, v in own.items())]) + "\n"
+    report = KEY_REPORT_DIR / f"{path.stem}.{name}.keys.txt"
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(details)
+        where = f"full key lists in {report} (or rerun with --debug)"
+    except OSError:
+        report, where = None, "rerun with --debug for the full key lists"
+    message = (
+        f"checkpoint {str(path)!r} does not match the {arch} architecture ({name})"
         + listing("missing keys", missing)
         + listing("unexpected keys", unexpected)
         + listing("shape mismatches", mismatched)
+        + f"\n  {lined_up.sentence()}"
+        + hint
+        + ("\n  register a converter for this layout (erf_tools.converters.register_converter; README "
+           "'Trained weights') or rename the keys" if lined_up.aligned_in_order or lined_up.same_shapes else "")
+        + f"\n  {where}"
     )
+    error = CheckpointError(message)
+    error.details, error.report_path = details, report
+    return error
 
 
 class UnknownModelError(ValueError):
@@ -259,14 +351,30 @@ def model_names() -> list[str]:
     return timm.list_models()
 
 
+#: Weight specifications besides a checkpoint path (``pretrained:TAG`` and ``timm:TAG`` name a tag).
+WEIGHT_SPECS = ("default", "random", "active", "pretrained", "pretrained:TAG", "timm", "timm:TAG", "PATH")
+
+
+def parse_pretrained_spec(weights: str) -> tuple[bool, str | None]:
+    """(is a published-checkpoint spec, its tag): ``pretrained``, ``pretrained:TAG``, and timm's older spelling
+    ``timm`` / ``timm:TAG``."""
+    head, sep, tag = weights.partition(":")
+    if head in ("pretrained", "timm") and (sep == "" or tag):
+        return True, tag or None
+    return False, None
+
+
 def load_model(
-    name: str, weights: str = "random", *, seed: int = 0, num_classes: int | None = None
+    name: str, weights: str = "random", *, seed: int = 0, num_classes: int | None = None, progress: bool = True
 ) -> tuple[nn.Module, WeightsInfo]:
     """Build a registered model and its weights.
 
     weights: ``"random"`` (the family's default init; warned about when branches are silenced), ``"active"``
-    (:func:`activate_branches` with ``seed``), a local checkpoint path, or ``"timm"`` / ``"timm:<tag>"`` (timm's
-    pretrained weights; needs network access or a filled cache).
+    (:func:`activate_branches` with ``seed``), a local checkpoint path, ``"pretrained"`` / ``"pretrained:<tag>"``
+    (the published checkpoint declared in the model's pretrained configs, from the cache or downloaded with a
+    progress bar; offline it fails within seconds saying where to get the file; ``"timm"`` / ``"timm:<tag>"`` are
+    the same), or ``"default"`` (:func:`erf_tools.weights_choice.default_weights`: trained weights when on disk or
+    quickly downloadable, else the ``active`` probe).
     """
     import difflib
 
@@ -279,28 +387,42 @@ def load_model(
         hint = f"; did you mean {', '.join(close)}?" if close else "; `erf models` lists the registered models"
         raise UnknownModelError(f"unknown model {name!r}{hint}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    decision = None
+    if weights == "default":
+        from erf_tools.weights_choice import default_weights
+
+        decision = default_weights(architecture)
+        weights = decision.weights
     if weights in ("random", "active"):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **kwargs)
         if weights == "active":
             activate_branches(model, seed=seed)
-            return model.eval(), WeightsInfo(source="active", init_mode="active", seed=seed)
-        return model.eval(), WeightsInfo(
-            source="random", init_mode="default", seed=seed, silenced_branches=find_silenced_branches(model)
-        )
-    if weights == "timm" or weights.startswith("timm:"):
-        tag = weights.partition(":")[2] or None
-        full = f"{architecture}.{tag}" if tag else name
-        try:
-            model = timm.create_model(full, pretrained=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - hub, network and cache errors vary
-            raise CheckpointError(
-                f"could not get timm pretrained weights for {full!r} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); without internet, download the checkpoint "
-                "elsewhere and pass its path"
-            ) from exc
-        return model.eval(), WeightsInfo(source="timm-pretrained", init_mode="loaded", tag=full)
+            info = WeightsInfo(source="active", init_mode="active", seed=seed)
+        else:
+            info = WeightsInfo(source="random", init_mode="default", seed=seed,
+                               silenced_branches=find_silenced_branches(model))
+        return model.eval(), _with_decision(info, decision)
+    is_pretrained, tag = parse_pretrained_spec(weights)
+    if is_pretrained:
+        source, path = fetch(name, tag, progress=progress)
+        torch.manual_seed(seed)
+        # built under its tag, so that model.pretrained_cfg (mean/std, input size) is that checkpoint's own
+        model = timm.create_model(source.name, pretrained=False, **kwargs)
+        loaded = load_checkpoint(model, path)
+        info = WeightsInfo(source="pretrained", init_mode="loaded", path=str(path), tag=source.name,
+                           file=source.filename or path.name, layout=loaded.layout, converter=loaded.converter,
+                           published_at=source.published_at())
+        return model.eval(), _with_decision(info, decision)
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs)
     info = load_checkpoint(model, weights)
     return model.eval(), info
+
+
+def _with_decision(info: WeightsInfo, decision) -> WeightsInfo:
+    if decision is None:
+        return info
+    from dataclasses import replace
+
+    return replace(info, decision=decision.sentence)

@@ -39,11 +39,27 @@ def test_measure_writes_result_report_and_heatmap(saved):
 
 
 def test_measure_prints_settings_scores_and_the_random_init_warning(tmp_path):
-    code, text, _ = invoke("measure", "-m", "resnet18", "-o", tmp_path, *SMALL)
+    code, text, _ = invoke("measure", "-m", "resnet18", "-w", "random", "-o", tmp_path, *SMALL)
     assert code == 0, text
     assert "protocol replknet · 64×64 px · 1 images from sample · weights random" in text
     assert "warning:" in text and "--weights active" in text
     assert "AGD score" in text and "r(20%)" in text
+
+
+def test_default_weights_offline_are_the_probe_and_say_so(tmp_path):
+    code, text, _ = invoke("measure", "-m", "resnet18", "-o", tmp_path, *SMALL)
+    assert code == 0, text
+    assert "1 images from sample · weights active" in text
+    assert "weights: resnet18.a1_in1k (model.safetensors) is not on disk and was not downloaded" in text
+    assert "architecture probe" in text and "silenced" not in text
+
+
+def test_pretrained_offline_fails_at_once_and_writes_nothing(tmp_path):
+    code, text, _ = invoke("measure", "-m", "uniconvnet_t", "-w", "pretrained", "-o", tmp_path / "out", *SMALL)
+    assert code == 2
+    assert "error: trained weights uniconvnet_t.in1k (uniconvnet_t_1k_224_ema.pth) are not on disk" in text
+    assert "huggingface.co/ai-modelwithcode/UniConvNet" in text and "--weights /path/to/" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_measure_several_stages_and_formats(tmp_path):
@@ -175,7 +191,7 @@ def test_models_lists_families_with_erf_layer_and_weight_files():
     (row,) = json.loads(result.stdout)
     assert row["name"] == "uniconvnet_t" and row["family"] == "uniconvnet" and row["erf_layer"] == "stages.3"
     assert 25 < row["params_m"] < 35
-    assert "uniconvnet_t_1k_224_ema.pth" in row["weights"]
+    assert "uniconvnet_t_1k_224_ema.pth" in row["weights"] and row["on_disk"] == "none"
     code, text, result = invoke("models", "--no-params", "--table", "csv")
     assert code == 0, text
     names = {line.split(",")[0] for line in result.stdout.splitlines()[1:]}

@@ -84,6 +84,8 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except USAGE_ERRORS as exc:
         if _state["debug"]:
+            if getattr(exc, "details", None):  # e.g. the full key lists of a refused checkpoint
+                render.errors.print(exc.details, markup=False, soft_wrap=True)
             raise
         render.error(_sentence(exc))
         raise typer.Exit(2) from None
@@ -157,15 +159,17 @@ Size = Annotated[Optional[int], typer.Option(
 FullProtocol = Annotated[bool, typer.Option(
     "--full-protocol", help="Use the protocol's published input size and 50 images (RepLKNet: 1024 px; slow on CPU).")]
 ProtocolOpt = Annotated[Protocol, typer.Option("--protocol", "-p", help="ERF protocol preset.")]
-Weights = Annotated[str, typer.Option(
-    "--weights", "-w", help="'random' (family default init), 'active' (all-branches-active init), a checkpoint PATH, "
-    "or 'timm' / 'timm:TAG' (timm pretrained; needs the weights in the local cache).")]
+Weights = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", help="'pretrained' / 'pretrained:TAG' (the published checkpoint: cache or download), a "
+    "checkpoint PATH, 'active' (all-branches-active architecture probe) or 'random' (family default init). Default: "
+    "trained weights when on disk or downloadable now, else 'active' (the printed defaults say which).",
+    show_default=False)]
 BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Images per forward/backward pass, or 'auto' (the "
                                         "largest batch whose estimated peak memory fits the free memory).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
 Fast = Annotated[bool, typer.Option("--fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
-                                    "FFT for depthwise kernels >= 27 (maps change by float rounding only).")]
+                                    "FFT for depthwise kernels >= 15 (maps change by float rounding only).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 Formats = Annotated[str, typer.Option("--format", "-f", help="Figure formats, comma-separated: png, pdf, svg.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the init, the sample crops and the bootstrap.")]
@@ -186,7 +190,7 @@ def measure(
         "--target", "-t", help="Target module (dotted name) or stage:N; repeat for several.")] = None,
     stage: Annotated[Optional[list[int]], typer.Option("--stage", help="Stage index; repeat for several.")] = None,
     stages: Annotated[bool, typer.Option("--stages", help="Measure every stage (one forward pass).")] = False,
-    weights: Weights = "random",
+    weights: Weights = None,
     batch_size: BatchSize = "2",
     device: Device = "cpu",
     precision: PrecisionOpt = Precision.fp32,
@@ -213,12 +217,10 @@ def measure(
             render.note("quick defaults (the published protocol is --full-protocol: "
                         f"{PRESETS[protocol.value].input_size} px, "
                         f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} images)")
-        with render.progress_bar() as bar:
-            task = bar.add_task(model, total=settings.num_images)
+        with render.lazy_progress_bar(model) as progress:
             run = runs.run_measure(
                 model, images=images, settings=settings, out=out, formats=formats, scale=scale.value,
-                resume=resume, bootstrap=bootstrap,
-                progress=lambda done, total: bar.update(task, completed=done, total=total), fast=fast, **extra)
+                resume=resume, bootstrap=bootstrap, progress=progress, fast=fast, **extra)
     rows = tables.scores_table(run.reports, run.results)
     for result, row in zip(run.results, rows):
         render.report_table(row, f"{result.model} — {result.target} ({result.num_images} images, "
@@ -252,7 +254,7 @@ def compare(
     size: Size = None,
     full_protocol: FullProtocol = False,
     protocol: ProtocolOpt = Protocol.replknet,
-    weights: Weights = "random",
+    weights: Weights = None,
     batch_size: BatchSize = "2",
     device: Device = "cpu",
     fast: Fast = False,

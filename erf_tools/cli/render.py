@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +35,26 @@ def progress_bar() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                     ImagesPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=errors, transient=False)
+
+
+@contextmanager
+def lazy_progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback whose bar appears only at its first call, so that a run refused before its first batch
+    (a checkpoint that does not match, say) prints no empty ``0/N`` bar."""
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = progress_bar()
+            state["bar"].start()
+            state["task"] = state["bar"].add_task(description, total=total)
+        state["bar"].update(state["task"], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from erf_tools.engine.fastpaths import exact_fast_paths, prepare_model
 from erf_tools.engine.memory import auto_batch_size, available_memory
 from erf_tools.engine.partial import fingerprint, load_partial, save_partial
 from erf_tools.engine.scheduling import Prefetcher, batches, compute_batches, input_stream
-from erf_tools.images import ImageSource, Preprocessing
+from erf_tools.images import ImageSource, Preprocessing, warn_preprocessing_mismatch
 from erf_tools.protocols import ERFOptions, resolve_options
 from erf_tools.results import ERFResult
 from erf_tools.targets import Target, resolve_targets
@@ -280,6 +280,8 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
     seed, shard, precision = config.seed, config.shard, config.precision
 
     stream, source_description, preprocess = input_stream(images, model, opts, config.num_images, seed, shard)
+    if weights_info.init_mode == "loaded":  # trained weights: say when the protocol normalises differently
+        warn_preprocessing_mismatch(opts.preprocessing, preprocess, model, model_name)
     total_images = source_description["num_images"]
     input_hw = tuple(source_description["input_size"])
     factor = max(1, -(-max(input_hw) // config.per_image_resolution))

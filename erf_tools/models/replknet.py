@@ -489,6 +489,10 @@ def checkpoint_filter_fn(state_dict: Mapping, model: RepLKNet) -> dict[str, torc
     * unmerged checkpoint, merged model: the checkpoint's branches are folded (:func:`merge_state_dict`).
     """
     state = unwrap_checkpoint(state_dict)
+    if any(k.startswith("backbone.") for k in state):  # mmpretrain's layout (timm.create_model(pretrained=True))
+        from erf_tools.converters import convert_state_dict
+
+        state, _ = convert_state_dict(state, model)
     if any(".dw.dw_large." in k or k.startswith("blocks.") for k in state):
         raise ValueError(
             "this looks like a MegEngine RepLKNet checkpoint (dw.dw_large / flat blocks.N keys); only the official "
@@ -528,17 +532,21 @@ def _cfg(file: str | None = None, **kwargs) -> dict:
 
 _384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, crop_mode="squash")
 _IN22K = dict(num_classes=21841)
+_MMPRETRAIN = "https://download.openmmlab.com/mmclassification/v0/replknet/"
+_MM_NOTE = ("OpenMMLab mmpretrain conversion of the official release",)
 _UNNAMED = ("the README links this checkpoint on Google Drive / Baidu without a file name; "
             "load it with erf_tools.weights.load_checkpoint",)
 
 # Weights are Google-Drive / Baidu downloads: `file` is the official file name, so
 # timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)) or load_checkpoint() loads them.
 default_cfgs = generate_default_cfgs({
-    "replknet_31b.in1k": _cfg(file="RepLKNet-31B_ImageNet-1K_224.pth"),
-    "replknet_31b.in1k_384": _cfg(**_384, notes=_UNNAMED),
+    "replknet_31b.in1k": _cfg(file="RepLKNet-31B_ImageNet-1K_224.pth",
+                              notes=("Google Drive id 1azQUiCxK9feYVkkrPqwVPBtNsTzDrX7S (README)",)),
+    "replknet_31b.in1k_384": _cfg(**_384, notes=_UNNAMED + ("Google Drive id 1vo-P3XB6mRLUeDzmgv90dOu73uCeLfZN",)),
     "replknet_31b.in22k": _cfg(file="RepLKNet-31B_ImageNet-22K.pth", **_IN22K),
-    "replknet_31b.in22k_ft_in1k": _cfg(notes=_UNNAMED),
-    "replknet_31b.in22k_ft_in1k_384": _cfg(**_384, notes=_UNNAMED),
+    "replknet_31b.in22k_ft_in1k": _cfg(notes=_UNNAMED + ("Google Drive id 1DslZ2voXZQR1QoFY9KnbsHAeF84hzS0s",)),
+    "replknet_31b.in22k_ft_in1k_384": _cfg(**_384, notes=_UNNAMED + (
+        "Google Drive id 1Sc46BWdXXm2fVP-K_hKKU_W8vAB-0duX",)),
     "replknet_31b.erf_in1k": _cfg(notes=(
         "RepLKNet-31 of the paper's ERF study (120 epochs), Google Drive id 1aQQiGfCoiBYSw2Ms506-ZFpnC9V6891s",)),
     "replknet_31l.in22k_ft_in1k_384": _cfg(file="RepLKNet-31L_ImageNet-22K-to-1K_384.pth", **_384),
@@ -550,6 +558,26 @@ default_cfgs = generate_default_cfgs({
         mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD),
     "replknet_13.erf_in1k": _cfg(notes=(
         "RepLKNet-13 of the paper's ERF study (120 epochs), Google Drive id 15gohkZof_Qi4__jluUXacB_0Gvbuf5GI",)),
+    # OpenMMLab's conversions of the official files (mmpretrain configs/replknet/metafile.yml): downloadable, in
+    # mmpretrain's layout (backbone. prefix, head.fc), converted on load by erf_tools.converters (mmpretrain-replknet)
+    "replknet_31b.mmpretrain_in1k": _cfg(url=_MMPRETRAIN + "replknet-31B_3rdparty_in1k_20221118-fd08e268.pth",
+                                         license="apache-2.0", notes=_MM_NOTE),
+    "replknet_31b.mmpretrain_in1k_384": _cfg(
+        url=_MMPRETRAIN + "replknet-31B_3rdparty_in1k-384px_20221118-03a170ce.pth", **_384, license="apache-2.0",
+        notes=_MM_NOTE),
+    "replknet_31b.mmpretrain_in22k_ft_in1k": _cfg(
+        url=_MMPRETRAIN + "replknet-31B_in21k-pre_3rdparty_in1k_20221118-54ed5c46.pth", license="apache-2.0",
+        notes=_MM_NOTE),
+    "replknet_31b.mmpretrain_in22k_ft_in1k_384": _cfg(
+        url=_MMPRETRAIN + "replknet-31B_in21k-pre_3rdparty_in1k-384px_20221118-76c92b24.pth", **_384,
+        license="apache-2.0", notes=_MM_NOTE),
+    "replknet_31l.mmpretrain_in22k_ft_in1k_384": _cfg(
+        url=_MMPRETRAIN + "replknet-31L_in21k-pre_3rdparty_in1k-384px_20221118-dc3fc07c.pth", **_384,
+        license="apache-2.0", notes=_MM_NOTE),
+    "replknet_xl.mmpretrain_megdata73m_ft_in1k_320": _cfg(
+        url=_MMPRETRAIN + "replknet-XL_meg73m-pre_3rdparty_in1k-320px_20221118-88259b1d.pth",
+        input_size=(3, 320, 320), pool_size=(10, 10), mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD,
+        license="apache-2.0", notes=_MM_NOTE),
 })
 
 
