@@ -259,13 +259,24 @@ def test_fp16_gradients_are_scaled_against_underflow_and_backed_off_on_overflow(
 
     assert np.isfinite(half).all() and np.count_nonzero(half) == np.count_nonzero(reference) == 91 * 91
     assert l1_error(half) < 0.05  # CPU float16 kernels accumulate in float16: a few percent
-    if gain < 1:  # without the scale, float16 flushes every gradient of this model to zero
-        model = Spread(gain)
-        engine = ERFEngine(model, resolve_targets(model, None), resolve_options("luo2016"), "cpu", "fp16", False)
-        engine.grad_scale = 1.0
-        with frozen_eval(model):
-            unscaled = engine.process(images)["out"].double().numpy()[0]
-        assert l1_error(unscaled) > 0.5
+
+
+def test_fp16_objective_scale_keeps_gradients_that_float16_flushes_to_zero():
+    """The scale itself: a gradient of 1e-8 made in float16 (below its smallest subnormal, 6e-8) is 0 without the
+    scale and exact with it. (The model-level control of this used oneDNN's float16 convolutions, which the engine
+    no longer uses on CPUs: see ``ERFEngine._autocast``.)"""
+    model = Spread(1.0)
+    engine = ERFEngine(model, resolve_targets(model, None), resolve_options("luo2016"), "cpu", "fp16", False)
+    x = torch.ones(1, 3, 4, 4, requires_grad=True)
+
+    def objective() -> torch.Tensor:
+        tiny = torch.tensor(1e-4, dtype=torch.float16)
+        return ((x.half() * tiny) * tiny).float().sum()
+
+    scaled = engine._input_gradient(objective(), x, retain_graph=False)
+    assert torch.allclose(scaled, torch.full_like(x, 1e-8), rtol=1e-2)
+    engine.grad_scale = 1.0
+    assert not engine._input_gradient(objective(), x, retain_graph=False).any()
 
 
 def test_exact_fast_paths_apply_reparameterisation_only_where_the_model_has_it(resnet):

@@ -5,6 +5,7 @@ protocol's per-sample post-processing (:mod:`.objective`) happens before anythin
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -75,9 +76,20 @@ class ERFEngine:
         self.geometry: dict[str, TargetGeometry] | None = None
 
     def _autocast(self):
+        """Autocast for reduced precision. float16 on CPUs also runs convolutions without oneDNN.
+
+        Why: on CPUs with AVX512-FP16 (Sapphire Rapids) oneDNN's JIT generator for float16 depthwise convolutions of
+        15x15 and more does not finish (measured: > 60 s for one 15x15 conv of a 3x128x128 map, which PyTorch's own
+        kernel computes in 0.5 s at 31x31); bf16 is not affected.
+        """
         if self.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        if dtype is torch.float16 and self.device.type == "cpu":
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+            stack.enter_context(torch.autocast(device_type="cpu", dtype=dtype))
+            return stack
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _high_resolution_in_fp32(self, x: torch.Tensor):
