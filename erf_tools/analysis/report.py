@@ -507,7 +507,12 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             intervals[name] = (float("nan"), float("nan"))
             continue
         q_lo, q_hi = float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
-        if method == "basic":
+        if name in truth_of:
+            # noise-corrected statistics: the resamples' spread about their median, re-centred on the estimate (their
+            # bootstrap-world truth, the raw statistic of a noisy map, is one the correction is not calibrated for)
+            centre = float(np.median(finite))
+            low, high = full[name] + (q_lo - centre), full[name] + (q_hi - centre)
+        elif method == "basic":
             low, high = full[name] - (q_hi - truth), full[name] - (q_lo - truth)
         else:
             low, high = full[name] + (q_lo - truth), full[name] + (q_hi - truth)
