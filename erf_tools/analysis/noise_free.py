@@ -41,13 +41,24 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.special import ndtr
+from scipy.stats import chi2 as chi2_distribution
 
 __all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
-           "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared"]
+           "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
+           "gaussian_explains", "GATE_LEVEL", "RESIDUAL_THRESHOLD"]
 
 RESIDUAL_SMOOTHING = 2.0
 """σ (map pixels) of the Gaussian smoothing the fit residual in the plug-in map (chosen on the simulations of
 bench/bench_agd_noise.py: 1 px leaves more noise in the plug-in, 3 px blurs steps and plateaus)."""
+
+GATE_LEVEL = 0.05
+"""χ² p-value above which the fitted Gaussian alone is the plug-in map (:func:`gaussian_explains`)."""
+
+GATE_FLOOR = 0.5
+"""Floor of s in the χ² gate, as a fraction of the median positive s."""
+
+RESIDUAL_THRESHOLD = 1.0
+"""Shrinkage threshold of the residual in the plug-in map (:func:`denoised_map`)."""
 
 _K_MAX = 40.0
 _K_GRID = np.linspace(-10.0, _K_MAX, 5001)
@@ -125,11 +136,12 @@ class NoiseFreeScore:
     hellinger_squared_raw: float
     bias: float
     noise_mass_fraction: float
+    plug_in: str = ""
 
     def to_dict(self) -> dict:
         return {"score": self.score, "raw": self.raw, "hellinger_squared": self.hellinger_squared,
                 "hellinger_squared_raw": self.hellinger_squared_raw, "bias": self.bias,
-                "noise_mass_fraction": self.noise_mass_fraction,
+                "noise_mass_fraction": self.noise_mass_fraction, "plug_in": self.plug_in,
                 "method": "plug-in bias correction of D and U (exact per-pixel expectations at the denoised map)",
                 "residual_smoothing_px": RESIDUAL_SMOOTHING}
 
@@ -141,7 +153,8 @@ def score_from_hellinger_squared(h2: float) -> float:
     return float(1.0 - np.sqrt(min(max(h2, 0.0), 1.0)))
 
 
-def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SMOOTHING) -> np.ndarray:
+def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SMOOTHING,
+                 threshold: float = RESIDUAL_THRESHOLD) -> np.ndarray:
     """Plug-in estimate of the noise-free map: ``model`` + Wiener-shrunk Gaussian-smoothed residual (module docstring).
 
     Parameters
@@ -152,6 +165,9 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
         Per-pixel standard error of ``image``.
     smoothing : float
         σ in pixels of the Gaussian that smooths the residual (0: the residual is used unsmoothed, unshrunk).
+    threshold : float
+        Shrink factor max(0, 1 − threshold · noise variance / local residual power): 1 is the Wiener factor; larger
+        values keep the residual only where it clearly stands above the noise.
     """
     data = np.asarray(image, dtype=np.float64)
     model = np.asarray(model, dtype=np.float64)
@@ -166,13 +182,38 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
     delta[size, size] = 1.0
     kernel_power = float((gaussian_filter(delta, smoothing, mode="constant") ** 2).sum())
     noise_var = gaussian_filter(s2, smoothing, mode="nearest") * kernel_power
-    power = gaussian_filter(smooth * smooth, smoothing, mode="nearest")
-    shrink = np.clip(1.0 - np.divide(noise_var, power, out=np.ones_like(power), where=power > 0), 0.0, 1.0)
+    power = gaussian_filter(smooth * smooth, 2 * smoothing, mode="nearest")
+    shrink = np.clip(1.0 - np.divide(threshold * noise_var, power, out=np.ones_like(power), where=power > 0), 0.0, 1.0)
     return model + shrink * smooth
 
 
+def gaussian_explains(image, model, standard_error, *, variance_dof: int | None = None,
+                      level: float = GATE_LEVEL) -> tuple[bool, float]:
+    """(p ≥ ``level``, p) of the χ² test "``model`` explains ``image`` within its noise" (unweighted-fit residual).
+
+    χ² = Σ ((M − m)/s)² with s floored at :data:`GATE_FLOOR` × its median positive value (a background pixel where
+    every image was 0 has s = 0, which is sampling luck, not certainty), scaled by (ν − 2)/ν when the variances
+    have ν = ``variance_dof`` degrees of freedom, against χ²(P − 7). Pixels are taken as independent.
+    """
+    data = np.asarray(image, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(standard_error, dtype=np.float64), data.shape)
+    positive = s[s > 0]
+    if not positive.size:
+        return False, float("nan")
+    s_eff = np.maximum(s, GATE_FLOOR * float(np.median(positive)))
+    chi2 = float((((data - np.asarray(model, dtype=np.float64)) / s_eff) ** 2).sum())
+    if variance_dof is not None and variance_dof > 2:
+        chi2 *= (variance_dof - 2) / variance_dof
+    dof = data.size - 7
+    if dof < 1:
+        return False, float("nan")
+    p = float(chi2_distribution.sf(chi2, dof))
+    return bool(p >= level), p
+
+
 def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,
-                   smoothing: float = RESIDUAL_SMOOTHING) -> NoiseFreeScore:
+                   smoothing: float = RESIDUAL_SMOOTHING, threshold: float = RESIDUAL_THRESHOLD,
+                   variance_dof: int | None = None, plug_in: str = "auto") -> NoiseFreeScore:
     """Noise-free AGD score of a noisy map for a given fit (module docstring).
 
     Parameters
@@ -187,8 +228,14 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
         Standard error of each pixel of ``image`` (same units).
     model : array_like, optional
         The fitted model with offset (default ``gaussian + offset``).
-    smoothing : float
-        Residual smoothing of the plug-in map (:func:`denoised_map`).
+    smoothing, threshold : float
+        Residual smoothing and shrinkage of the plug-in map (:func:`denoised_map`).
+    variance_dof : int, optional
+        Degrees of freedom of the variances behind ``standard_error`` (N − 1), for the χ² gate.
+    plug_in : {"auto", "model", "residual"}
+        The noise-free map at which the bias is evaluated: the fitted model alone, the model plus the shrunk
+        residual, or (``"auto"``) the model alone when the χ² test accepts it (:func:`gaussian_explains`), else the
+        model plus the residual.
 
     Returns
     -------
@@ -214,12 +261,18 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     x = data - float(offset)
     positive = np.maximum(x, 0.0)
     if not (g_sum > 0 and np.isfinite(g_sum)) or not positive.sum() > 0:
-        return NoiseFreeScore(nan, nan, nan, nan, nan, nan)
+        return NoiseFreeScore(nan, nan, nan, nan, nan, nan, "")
     root_q = np.sqrt(np.maximum(g / g_sum, 0.0))
     d_raw = float(positive.sum())
     u_raw = float((root_q * np.sqrt(positive)).sum())
     h2_raw = 1.0 - min(u_raw / np.sqrt(d_raw), 1.0)
-    plug = denoised_map(data, g + float(offset) if model is None else model, s, smoothing=smoothing) - float(offset)
+    model = g + float(offset) if model is None else np.asarray(model, dtype=np.float64)
+    if plug_in not in ("auto", "model", "residual"):
+        raise ValueError(f"plug_in must be 'auto', 'model' or 'residual', got {plug_in!r}")
+    use_model = plug_in == "model" or (plug_in == "auto" and gaussian_explains(data, model, s,
+                                                                               variance_dof=variance_dof)[0])
+    plug = (model if use_model else denoised_map(data, model, s, smoothing=smoothing, threshold=threshold)) - float(
+        offset)
     plug_pos = np.maximum(plug, 0.0)
     bias_d = float((expected_positive_part(plug, s) - plug_pos).sum())
     bias_u = float((root_q * (expected_sqrt_positive(plug, s) - np.sqrt(plug_pos))).sum())
@@ -228,7 +281,8 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     raw = score_from_hellinger_squared(h2_raw)
     score = score_from_hellinger_squared(h2)
     return NoiseFreeScore(score=score, raw=raw, hellinger_squared=float(h2), hellinger_squared_raw=float(h2_raw),
-                          bias=raw - score if np.isfinite(score) else nan, noise_mass_fraction=bias_d / d_raw)
+                          bias=raw - score if np.isfinite(score) else nan, noise_mass_fraction=bias_d / d_raw,
+                          plug_in="model" if use_model else "model+residual")
 
 
 def noise_free_r_squared(image, model, standard_error, *, n_parameters: int = 7) -> tuple[float, float]:
