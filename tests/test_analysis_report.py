@@ -157,7 +157,8 @@ def test_bootstrap_and_convergence_functions():
     assert noisy.images_needed > 1 and np.all(np.diff(noisy.num_images) > 0)
 
 
-@pytest.mark.parametrize("module", ["maps", "moments", "gaussian_fit", "shape", "area", "checkerboard", "uncertainty"])
+@pytest.mark.parametrize("module", ["maps", "moments", "gaussian_fit", "shape", "area", "checkerboard", "uncertainty",
+                                    "noise", "noise_free"])
 def test_docstring_examples(module):
     import doctest
     import importlib

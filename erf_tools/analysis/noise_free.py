@@ -107,7 +107,7 @@ def expected_sqrt_positive(x, sigma) -> np.ndarray:
     Examples
     --------
     >>> round(float(expected_sqrt_positive(0.0, 1.0)), 4)  # 2^(1/4) Γ(3/4) / (2√π)
-    0.411
+    0.4111
     """
     x = np.asarray(x, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)

@@ -37,6 +37,9 @@ __all__ = ["AGDReport", "analyze", "DEFAULT_RESAMPLES"]
 DEFAULT_RESAMPLES = 200
 """Default number of bootstrap resamples."""
 
+MIN_IMAGES_FOR_NOISE = 8
+"""Below this many images the per-pixel variances are too rough for a reliable noise correction (flagged)."""
+
 HEADLINE = ("agd_score", "sigma_major", "sigma_minor", "r_squared", "beta2")
 CORRECTED = ("agd_score_raw", "r_squared_raw", "hellinger_squared", "hellinger_squared_raw")
 
@@ -306,6 +309,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     noise = _noise_model(data, given_se, stack, down, num_images, num_independent)
     if noise.source == "map-only" and noise.reliability.get("correlated"):
         flags.append("map_noise_correlated")
+    if noise.num_images is not None and noise.num_images < MIN_IMAGES_FOR_NOISE:
+        flags.append("noise_from_few_images")  # per-pixel variances from < 8 images: the correction is rough
     if fit.amplitude > 0 and np.isfinite(fit.sigma_major) and fit.sigma_minor > 0 and all(np.isfinite(fit.centre)):
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             model_map = fit.evaluate(data.shape)
