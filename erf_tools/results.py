@@ -30,7 +30,10 @@ class ERFResult:
     ``map`` is the protocol's quantity (e.g. RepLKNet: mean over valid images of the ReLU'd, RGB-summed input
     gradient; Kim 2023: the same with RGB mean before the clamp, normalised to sum 1). ``per_image_maps`` holds the
     per-image maps after the protocol's per-image post-processing, block-summed by ``per_image_downsample`` (1 = full
-    resolution), for bootstrap confidence intervals over images.
+    resolution), for bootstrap confidence intervals over images. ``map_standard_error`` (optional, H×W, the units of
+    ``map``) is the standard error of each pixel of ``map``: √(per-pixel sample variance of the per-image maps / N),
+    scaled like ``map`` by any final normalisation; ``num_independent_images`` counts the independent source images
+    (None: equal to ``num_images``). Results without them (older files) load with None.
     """
 
     map: np.ndarray
@@ -56,6 +59,8 @@ class ERFResult:
     versions: dict[str, str] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    map_standard_error: np.ndarray | None = None
+    num_independent_images: int | None = None
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the arrays, JSON-ready."""
@@ -63,7 +68,7 @@ class ERFResult:
         return json.loads(json.dumps(meta, default=_json_default))
 
 
-_ARRAY_FIELDS = ("map", "per_image_maps")
+_ARRAY_FIELDS = ("map", "per_image_maps", "map_standard_error")
 
 
 def _json_default(value: Any) -> Any:
@@ -121,6 +126,8 @@ def save_result(result: ERFResult, path: str | Path) -> tuple[Path, Path]:
     arrays = {"map": np.asarray(result.map, dtype=np.float64)}
     if result.per_image_maps is not None:
         arrays["per_image_maps"] = np.asarray(result.per_image_maps, dtype=np.float32)
+    if result.map_standard_error is not None:
+        arrays["map_standard_error"] = np.asarray(result.map_standard_error, dtype=np.float64)
     atomic_write_bytes(npz_path, lambda f: np.savez_compressed(f, **arrays))
     text = json.dumps(result.metadata(), indent=2, default=_json_default).encode()
     atomic_write_bytes(json_path, lambda f: f.write(text))
@@ -163,4 +170,5 @@ def load_result(path: str | Path) -> ERFResult:
     for name in ("feature_shape", "centre_unit", "receptive_field_centre", "total_stride", "input_size"):
         if values.get(name) is not None:
             values[name] = tuple(values[name])
-    return ERFResult(map=arrays["map"], per_image_maps=arrays.get("per_image_maps"), **values)
+    return ERFResult(map=arrays["map"], per_image_maps=arrays.get("per_image_maps"),
+                     map_standard_error=arrays.get("map_standard_error"), **values)

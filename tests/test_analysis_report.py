@@ -50,7 +50,7 @@ def test_analyze_result_with_bootstrap_and_convergence():
     low, high = report.interval("sigma_major")
     assert low < 14.0 * 1.03 and high > 14.0 * 0.97
     estimates = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
-                 "sigma_minor": report.spread["sigma_minor"], "r_squared": report.fit.r_squared,
+                 "sigma_minor": report.spread["sigma_minor"], "r_squared": report.r_squared,
                  "beta2": report.shape["mardia_kurtosis"]}
     for name, value in estimates.items():  # an estimate outside its interval is always flagged
         low, high = report.interval(name)
@@ -157,7 +157,8 @@ def test_bootstrap_and_convergence_functions():
     assert noisy.images_needed > 1 and np.all(np.diff(noisy.num_images) > 0)
 
 
-@pytest.mark.parametrize("module", ["maps", "moments", "gaussian_fit", "shape", "area", "checkerboard", "uncertainty"])
+@pytest.mark.parametrize("module", ["maps", "moments", "gaussian_fit", "shape", "area", "checkerboard", "uncertainty",
+                                    "noise", "noise_free"])
 def test_docstring_examples(module):
     import doctest
     import importlib

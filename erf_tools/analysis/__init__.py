@@ -8,6 +8,8 @@ One module per concern (functions first, the report is built from them):
 * :mod:`.shape` — AGD score (Hellinger), Mardia kurtosis, generalised-Gaussian exponent β, radial monotonicity;
 * :mod:`.area` — RepLKNet area ratio r(t), rank area, effective area, radial mass;
 * :mod:`.checkerboard` — Kim et al. L1/L2 imbalance indices;
+* :mod:`.noise` — per-pixel standard error of a map (per-image statistics or map-only estimate);
+* :mod:`.noise_free` — noise-free AGD score and R² (bias correction with exact per-pixel expectations);
 * :mod:`.uncertainty` — bootstrap over images, convergence curve;
 * :mod:`.report` — :class:`AGDReport` and :func:`analyze`.
 
@@ -16,10 +18,13 @@ Nothing here imports torch or the models.
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, EffectiveArea, area_ratio, effective_area,
                    mass_radius, radial_cumulative_mass, rank_area, rank_area_sorted)
 from .checkerboard import checkerboard_indices
-from .gaussian_fit import FAILURE_FLAGS, GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, gaussian_2d, r_squared
+from .gaussian_fit import (FAILURE_FLAGS, GaussianFit, KimFit, WeightedGaussianFit, fit_gaussian, fit_gaussian_kim,
+                           fit_gaussian_weighted, gaussian_2d, r_squared)
 from .maps import block_reduce, check_distribution, check_map, estimate_floor, normalise, remove_floor
 from .moments import (Moments, argmax_position, centre_of_mass, covariance, covariance_from_ellipse,
                       ellipse_from_covariance, image_moments)
+from .noise import NoiseModel, estimate_map_noise, standard_error_from_stack
+from .noise_free import NoiseFreeScore, noise_free_agd, noise_free_r_squared
 from .report import DEFAULT_RESAMPLES, AGDReport, analyze
 from .shape import (RadialProfile, ShapeExponentFit, agd_score, bhattacharyya_coefficient, beta_from_kurtosis,
                     fit_shape_exponent, generalised_gaussian_kurtosis, hellinger_distance,
@@ -36,6 +41,10 @@ __all__ = [
     "argmax_position",
     # fits
     "GaussianFit", "KimFit", "FAILURE_FLAGS", "fit_gaussian", "fit_gaussian_kim", "gaussian_2d", "r_squared",
+    "WeightedGaussianFit", "fit_gaussian_weighted",
+    # noise
+    "NoiseModel", "estimate_map_noise", "standard_error_from_stack", "NoiseFreeScore", "noise_free_agd",
+    "noise_free_r_squared",
     # shape
     "agd_score", "hellinger_distance", "bhattacharyya_coefficient", "moment_matched_gaussian",
     "hellinger_to_moment_gaussian", "mardia_kurtosis", "generalised_gaussian_kurtosis", "beta_from_kurtosis",

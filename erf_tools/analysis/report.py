@@ -22,8 +22,11 @@ import numpy as np
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effective_area, mass_radius,
                    radial_cumulative_mass, rank_area_sorted)
 from .checkerboard import checkerboard_indices
-from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim
+from .gaussian_fit import (GaussianFit, KimFit, WeightedGaussianFit, fit_gaussian, fit_gaussian_kim,
+                           fit_gaussian_weighted)
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
+from .noise import NoiseModel, estimate_map_noise, noise_model_from_standard_error, standard_error_from_stack
+from .noise_free import NoiseFreeScore, noise_free_agd, noise_free_r_squared, score_from_hellinger_squared
 from .moments import Moments, argmax_position, ellipse_from_covariance, image_moments
 from .shape import (GAUSSIAN_MARDIA_KURTOSIS, ShapeExponentFit, agd_score, beta_from_kurtosis, fit_shape_exponent,
                     hellinger_to_moment_gaussian, mardia_kurtosis, radial_monotonicity, radial_profile)
@@ -34,7 +37,11 @@ __all__ = ["AGDReport", "analyze", "DEFAULT_RESAMPLES"]
 DEFAULT_RESAMPLES = 200
 """Default number of bootstrap resamples."""
 
+MIN_IMAGES_FOR_NOISE = 8
+"""Below this many images the per-pixel variances are too rough for a reliable noise correction (flagged)."""
+
 HEADLINE = ("agd_score", "sigma_major", "sigma_minor", "r_squared", "beta2")
+CORRECTED = ("agd_score_raw", "r_squared_raw", "hellinger_squared", "hellinger_squared_raw")
 
 
 def _clean(value: Any) -> Any:
@@ -69,10 +76,13 @@ def _moments_dict(mom: Moments | None, scale: float, input_side: float) -> dict:
 class AGDReport:
     """How Gaussian an ERF is and how far it spreads; built by :func:`analyze`. ``to_dict()`` gives JSON-ready data.
 
-    Headline: ``agd_score`` (1 − Hellinger distance to the fitted Gaussian, in [0, 1]) and the fitted σ in
+    Headline: ``agd_score`` (the noise-free estimate of 1 − Hellinger distance to the fitted Gaussian, in [0, 1];
+    ``agd_score_raw`` is the score of the noisy map as given) and the fitted σ in
     ``spread["sigma_major"]``/``["sigma_minor"]`` (input pixels; NaN when the fit is flagged). ``flags`` lists
     everything that went wrong or needs care; ``not_gaussian`` is set when the fit failed or the AGD score is below
-    the threshold given to :func:`analyze`.
+    the threshold given to :func:`analyze`. ``r_squared`` is the noise-corrected R² of the full-covariance fit
+    (``r_squared_raw`` = ``fit.r_squared``); ``noise_model`` says where the per-pixel noise came from
+    (``"per-image"`` or ``"map-only"``), ``noise`` describes it, ``noise_fit`` is the weighted fit with its χ².
     """
 
     agd_score: float
@@ -95,6 +105,13 @@ class AGDReport:
     confidence_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     convergence: ConvergenceCurve | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    agd_score_raw: float = float("nan")
+    r_squared: float = float("nan")
+    r_squared_raw: float = float("nan")
+    noise_model: str | None = None
+    noise: dict[str, Any] = field(default_factory=dict)
+    noise_free: NoiseFreeScore | None = None
+    noise_fit: WeightedGaussianFit | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,7 +134,10 @@ class AGDReport:
             "bootstrap": None if self.bootstrap is None else self.bootstrap.to_dict(),
             "confidence_intervals": {k: list(v) for k, v in self.confidence_intervals.items()},
             "convergence": None if self.convergence is None else self.convergence.to_dict(),
-            "options": self.options,
+            "options": self.options, "agd_score_raw": self.agd_score_raw, "r_squared": self.r_squared,
+            "r_squared_raw": self.r_squared_raw, "noise_model": self.noise_model, "noise": self.noise,
+            "noise_free": None if self.noise_free is None else self.noise_free.to_dict(),
+            "noise_fit": None if self.noise_fit is None else self.noise_fit.to_dict(),
         })
 
     def summary(self) -> str:
@@ -130,11 +150,14 @@ class AGDReport:
                 text += f" [{low:.{digits}f}, {high:.{digits}f}]"
             return text
 
+        raw = self.agd_score_raw
         lines = [
-            f"AGD score      {fmt('agd_score', self.agd_score)}",
+            f"AGD score      {fmt('agd_score', self.agd_score)}  (noise-free estimate; raw "
+            f"{'nan' if not np.isfinite(raw) else f'{raw:.3f}'}; noise {self.noise_model or '-'})",
             f"sigma (px)     {fmt('sigma_major', self.spread['sigma_major'], 2)} / "
             f"{fmt('sigma_minor', self.spread['sigma_minor'], 2)}  (fit, major / minor)",
-            f"R^2            {fmt('r_squared', self.fit.r_squared)}  (Kim-compatible {self.kim_fit.r_squared:.3f})",
+            f"R^2            {fmt('r_squared', self.r_squared)}  (raw {self.r_squared_raw:.3f}; "
+            f"Kim-compatible {self.kim_fit.r_squared:.3f})",
             f"beta2 (Mardia) {fmt('beta2', self.shape['mardia_kurtosis'], 2)}  (Gaussian 8; floor removed)",
             f"beta (shape)   {self.shape['beta']:.2f}  (Gaussian 2)",
         ]
@@ -153,20 +176,21 @@ def _unpack(result_or_map, per_image_maps, per_image_downsample):
         down = int(getattr(r, "per_image_downsample", 1) or 1) if per_image_maps is None else per_image_downsample
         return (r.map, stack, down, getattr(r, "num_images", None), getattr(r, "protocol", None),
                 getattr(r, "receptive_field_centre", None), getattr(r, "input_size", None),
-                dict(getattr(r, "options", {}) or {}))
+                dict(getattr(r, "options", {}) or {}), getattr(r, "map_standard_error", None),
+                getattr(r, "num_independent_images", None))
     array = np.asarray(result_or_map)
     if array.ndim == 3:  # a stack of per-image maps: analyse their mean
         stack = check_stack(array)
-        return stack.mean(axis=0), stack, 1, stack.shape[0], None, None, None, {}
+        return stack.mean(axis=0), stack, 1, stack.shape[0], None, None, None, {}, None, None
     n = None if per_image_maps is None else np.asarray(per_image_maps).shape[0]
-    return array, per_image_maps, per_image_downsample, n, None, None, None, {}
+    return array, per_image_maps, per_image_downsample, n, None, None, None, {}, None, None
 
 
 def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstrap: int | None = DEFAULT_RESAMPLES,
             seed: int | None = 0, confidence: float = 0.95, receptive_field_centre: tuple[float, float] | None = None,
             per_image_maps=None, per_image_downsample: int = 1, floor: str | float = "border",
             thresholds=AREA_THRESHOLDS, r_squared_threshold: float = 0.5, agd_threshold: float = 0.85,
-            bootstrap_side: int = 64, bootstrap_interval: str = "percentile",
+            bootstrap_side: int = 64, bootstrap_interval: str = "basic",
             convergence_tolerance: float = 0.05) -> AGDReport:
     """Analyse an ERF: Gaussian fits, AGD score and its components, spread, areas, checkerboard, uncertainty.
 
@@ -201,11 +225,14 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
         Resamples are fitted on block means no larger than this per side (starting from the point estimate) and r(t)
         is evaluated on block sums no larger than 4× this; the intervals are translated by the difference between the
         full-resolution estimate and the reduced-resolution estimate from all images.
-    bootstrap_interval : {"percentile", "basic"}
-        Interval type (:func:`~erf_tools.analysis.uncertainty.bootstrap_maps`). Shape scores are lowered by pixel
-        noise, and resamples (which repeat images) are noisier than the full set, so with few images a percentile
-        interval can lie wholly below the estimate; such numbers are flagged ``noise_biased:<name>`` (use more
-        images, see ``convergence``; ``"basic"`` reflects the interval to correct the bias to first order).
+    bootstrap_interval : {"basic", "percentile"}
+        ``"basic"`` (default, bias-corrected): θ̂ − (q − T), with q the resampled quantiles of the statistic and T its
+        value in the bootstrap world (for ``agd_score`` and ``r_squared``, which correct their own noise bias, T is the
+        raw score of the all-image mean, whose noise-free score the resamples estimate; for the others the statistic
+        on the all-image mean), so that the bias the resamples show is removed from the interval. The AGD interval
+        is formed on the H² scale and mapped to the score. ``"percentile"``: θ̂ + (q − T) (the former intervals).
+        A number outside its own interval is flagged ``noise_biased:<name>`` (its residual bias exceeds the
+        interval: add images).
     convergence_tolerance : float
         Hellinger distance below which the mean map is regarded as no longer changing.
 
@@ -228,8 +255,8 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
 def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_field_centre, per_image_maps,
              per_image_downsample, floor, thresholds, r_squared_threshold, agd_threshold, bootstrap_side,
              bootstrap_interval, convergence_tolerance) -> AGDReport:
-    raw, stack, down, num_images, protocol, rf_input, result_input, result_options = _unpack(
-        result_or_map, per_image_maps, per_image_downsample)
+    (raw, stack, down, num_images, protocol, rf_input, result_input, result_options, given_se,
+     num_independent) = _unpack(result_or_map, per_image_maps, per_image_downsample)
     expects_stack = hasattr(result_or_map, "per_image_maps") or per_image_maps is not None
     data = check_map(raw)
     height, width = data.shape
@@ -278,7 +305,25 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         positive = data
     mom_raw = image_moments(data)
     mom_pos = image_moments(positive)
-    score = agd_score(data, fit)
+    score_raw = agd_score(data, fit)
+    noise = _noise_model(data, given_se, stack, down, num_images, num_independent)
+    if noise.source == "map-only" and noise.reliability.get("correlated"):
+        flags.append("map_noise_correlated")
+    if noise.num_images is not None and noise.num_images < MIN_IMAGES_FOR_NOISE:
+        flags.append("noise_from_few_images")  # per-pixel variances from < 8 images: the correction is rough
+    if fit.amplitude > 0 and np.isfinite(fit.sigma_major) and fit.sigma_minor > 0 and all(np.isfinite(fit.centre)):
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            model_map = fit.evaluate(data.shape)
+        nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,
+                            variance_dof=(noise.num_images - 1) if noise.num_images else None)
+        r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error)
+        noise_fit = fit_gaussian_weighted(data, noise.standard_error, fit, r_squared_threshold=r_squared_threshold,
+                                          variance_dof=(noise.num_images - 1) if noise.num_images else None)
+    else:
+        nf, r2, r2_raw, noise_fit = None, float("nan"), fit.r_squared, None
+    score = nf.score if nf is not None and np.isfinite(score_raw) else score_raw
+    if noise_fit is not None and np.isfinite(noise_fit.p_value) and noise_fit.p_value < 0.05:
+        flags.append("gaussian_rejected_by_noise")
 
     # shape
     if fit.ok:
@@ -291,7 +336,9 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     monotonicity, rings = radial_monotonicity(profile.values)
     beta2 = mardia_kurtosis(positive)
     shape = {
-        "agd_score": score, "hellinger": 1.0 - score if np.isfinite(score) else float("nan"),
+        "agd_score": score, "agd_score_raw": score_raw,
+        "hellinger": 1.0 - score if np.isfinite(score) else float("nan"),
+        "hellinger_raw": 1.0 - score_raw if np.isfinite(score_raw) else float("nan"),
         "beta": shape_fit.beta, "beta_fit": shape_fit.to_dict(),
         "mardia_kurtosis": beta2, "mardia_kurtosis_raw": mardia_kurtosis(data),
         "mardia_kurtosis_gaussian": GAUSSIAN_MARDIA_KURTOSIS, "beta_from_kurtosis": beta_from_kurtosis(beta2),
@@ -302,7 +349,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         "anisotropy_source": "fit" if fit.ok else "moments_floor_removed",
         "hellinger_moment_gaussian_raw": hellinger_to_moment_gaussian(data),
         "hellinger_moment_gaussian": hellinger_to_moment_gaussian(positive),
-        "measured_on": {"agd_score": "fitted offset removed", "mardia_kurtosis": "floor_removed",
+        "measured_on": {"agd_score": "fitted offset removed, noise-free estimate",
+                        "agd_score_raw": "fitted offset removed, noisy map", "mardia_kurtosis": "floor_removed",
                         "mardia_kurtosis_raw": "raw", "beta": "raw (fitted offset)", "monotonicity": "raw"},
     }
 
@@ -360,7 +408,9 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     report = AGDReport(agd_score=score, flags=(), map_shape=(height, width), input_size=in_size, pixel_scale=scale,
                        num_images=num_images, protocol=protocol, receptive_field_centre=rf_map, floor=floor_info,
                        fit=fit, kim_fit=kim, shape=shape, spread=spread, area_ratios=ratios, checkerboard=checker,
-                       openerf_metrics=openerf, options=options)
+                       openerf_metrics=openerf, options=options, agd_score_raw=score_raw, r_squared=r2,
+                       r_squared_raw=r2_raw, noise_model=noise.noise_model, noise=noise.to_dict(), noise_free=nf,
+                       noise_fit=noise_fit)
 
     # uncertainty
     n_boot = int(bootstrap or 0)
@@ -412,9 +462,9 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
                            sigma_major=major, sigma_minor=minor, theta=theta, r_squared=fit.r_squared, rmse=fit.rmse,
                            converged=True)
 
-    def statistic(mean_block_sums):
+    def statistic(mean_block_sums, se_block_sums):
         m = mean_block_sums * to_map_units
-        out = {k: float("nan") for k in HEADLINE}
+        out = {k: float("nan") for k in HEADLINE + CORRECTED}
         out.update({f"r({t:g})": float("nan") for t in thresholds})
         if not m.max() > 0 or min(m.shape) < 3:
             return out
@@ -423,8 +473,14 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
         f_floor = estimate_floor(m, method=floor) if isinstance(floor, str) else floor_value
         g = fit_gaussian(m, floor=f_floor, init=init, restarts=init is None, max_fit_side=bootstrap_side,
                          refine_side=bootstrap_side, r_squared_threshold=r_squared_threshold, max_nfev=100)
-        out["agd_score"] = agd_score(m, g)
-        out["r_squared"] = g.r_squared
+        if g.amplitude > 0 and np.isfinite(g.sigma_major) and g.sigma_minor > 0 and all(np.isfinite(g.centre)):
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                model = g.evaluate(m.shape)
+            se = se_block_sums * to_map_units
+            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, variance_dof=stored.shape[0] - 1)
+            out["agd_score"], out["agd_score_raw"] = nf.score, nf.raw
+            out["hellinger_squared"], out["hellinger_squared_raw"] = nf.hellinger_squared, nf.hellinger_squared_raw
+            out["r_squared"], out["r_squared_raw"] = noise_free_r_squared(m, model, se)
         if g.ok:
             out["sigma_major"] = math.sqrt(max(factor**2 * g.sigma_major**2 - added, 0.0)) * report.pixel_scale
             out["sigma_minor"] = math.sqrt(max(factor**2 * g.sigma_minor**2 - added, 0.0)) * report.pixel_scale
@@ -433,18 +489,48 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             out["beta2"] = mardia_kurtosis(positive)
         return out
 
-    result = bootstrap_maps(stored, statistic, n_resamples=n_boot, confidence=confidence, seed=seed, method=method)
+    result = bootstrap_maps(stored, statistic, n_resamples=n_boot, confidence=confidence, seed=seed,
+                            with_standard_error=True)
+    nf = report.noise_free
     full = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
-            "sigma_minor": report.spread["sigma_minor"], "r_squared": fit.r_squared,
-            "beta2": report.shape["mardia_kurtosis"]}
+            "sigma_minor": report.spread["sigma_minor"], "r_squared": report.r_squared,
+            "beta2": report.shape["mardia_kurtosis"], "agd_score_raw": report.agd_score_raw,
+            "r_squared_raw": report.r_squared_raw,
+            "hellinger_squared": nf.hellinger_squared if nf is not None else float("nan")}
     full.update({f"r({a.threshold:g})": (a.ratio if a.ratio is not None else float("nan")) for a in report.area_ratios})
+    # the bootstrap world's truth: a noise-corrected statistic of a resample estimates the raw statistic of the
+    # all-image mean (the resamples' mean map); every other statistic estimates itself on that mean
+    truth_of = {"agd_score": "agd_score_raw", "r_squared": "r_squared_raw", "hellinger_squared": "hellinger_squared_raw"}
+    alpha = (1 - confidence) / 2
     intervals = {}
     biased = []
-    for name, (low, high) in result.intervals.items():
-        shift = full.get(name, float("nan")) - result.estimate.get(name, float("nan"))
-        low, high = _clip_interval(name, low + shift, high + shift)
+    for name, values in result.samples.items():
+        if name in ("agd_score", "agd_score_raw", "r_squared_raw", "hellinger_squared_raw") or name not in full:
+            continue
+        finite = values[np.isfinite(values)]
+        truth = result.estimate.get(truth_of.get(name, name), float("nan"))
+        if finite.size < max(1, values.size / 2) or not np.isfinite(truth) or not np.isfinite(full[name]):
+            intervals[name] = (float("nan"), float("nan"))
+            continue
+        q_lo, q_hi = float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
+        if name in truth_of:
+            # noise-corrected statistics: the resamples' spread about their median, re-centred on the estimate (their
+            # bootstrap-world truth, the raw statistic of a noisy map, is one the correction is not calibrated for)
+            centre = float(np.median(finite))
+            low, high = full[name] + (q_lo - centre), full[name] + (q_hi - centre)
+        elif method == "basic":
+            low, high = full[name] - (q_hi - truth), full[name] - (q_lo - truth)
+        else:
+            low, high = full[name] + (q_lo - truth), full[name] + (q_hi - truth)
         intervals[name] = (low, high)
-        if np.isfinite(full.get(name, np.nan)) and np.isfinite(low) and not low <= full[name] <= high:
+    h2 = intervals.pop("hellinger_squared", (float("nan"), float("nan")))
+    # the AGD interval on the H² scale, where the estimator is smooth, mapped to the score (1 − √H² is monotone)
+    intervals["agd_score"] = (score_from_hellinger_squared(h2[1]), score_from_hellinger_squared(h2[0]))
+    for name, (low, high) in list(intervals.items()):
+        low, high = _clip_interval(name, low, high)
+        intervals[name] = (low, high)
+        value = full.get(name, np.nan)
+        if np.isfinite(value) and np.isfinite(low) and not low <= value <= high:
             biased.append(name)
     report.bootstrap = result
     report.confidence_intervals = intervals
@@ -452,11 +538,30 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     return [f"noise_biased:{name}" for name in biased]
 
 
+def _noise_model(data, given_se, stack, down, num_images, num_independent) -> NoiseModel:
+    """The per-pixel standard error of ``data``: given (engine), from the per-image stack, or from the map alone."""
+    if given_se is not None:
+        return noise_model_from_standard_error(given_se, data.shape, num_images=num_images,
+                                               num_independent_images=num_independent)
+    if stack is not None:
+        checked = check_stack(stack)
+        f = int(down or 1)
+        h, w = checked.shape[1:]
+        if checked.shape[0] >= 2 and abs(h * f - data.shape[0]) <= f and abs(w * f - data.shape[1]) <= f:
+            total = float(checked.mean(axis=0).sum())
+            covered = float(data[: h * f, : w * f].sum())
+            model = standard_error_from_stack(checked, data.shape, downsample=f,
+                                              to_map_units=covered / total if total > 0 else 1.0)
+            return NoiseModel(model.standard_error, model.source, model.num_images, num_independent,
+                              model.reliability)
+    return estimate_map_noise(data)
+
+
 def _clip_interval(name: str, low: float, high: float) -> tuple[float, float]:
     """Keep translated/reflected interval ends inside the range of the statistic."""
-    if name == "r_squared":
+    if name in ("r_squared", "r_squared_raw"):
         return min(low, 1.0), min(high, 1.0)
-    if name == "agd_score" or name.startswith("r("):
+    if name in ("agd_score", "agd_score_raw") or name.startswith("r("):
         return float(np.clip(low, 0.0, 1.0)), float(np.clip(high, 0.0, 1.0))
     return max(low, 0.0), max(high, 0.0)
 

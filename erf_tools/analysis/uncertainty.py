@@ -75,7 +75,7 @@ class BootstrapResult:
 
 def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str, float]], *,
                    n_resamples: int = 200, confidence: float = 0.95, seed: int | None = 0,
-                   method: str = "percentile") -> BootstrapResult:
+                   method: str = "percentile", with_standard_error: bool = False) -> BootstrapResult:
     """Bootstrap over images of scalar statistics of the mean map.
 
     Parameters
@@ -95,6 +95,9 @@ def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str
         reflected about the estimate (2θ̂ − q_hi, 2θ̂ − q_lo), which corrects a bias of the statistic to first order
         (e.g. pixel noise lowering a shape score). With a biased statistic a percentile interval may not contain the
         estimate; ``BootstrapResult.bias`` says by how much the resamples are off.
+    with_standard_error : bool
+        Call ``statistic(mean_map, standard_error_map)`` with the per-pixel standard error of each resample's mean
+        (√(sample variance over the resampled images / N)), for statistics that correct their own noise bias.
 
     Returns
     -------
@@ -116,14 +119,22 @@ def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     n = stack.shape[0]
     flat = stack.reshape(n, -1)
-    estimate = {k: float(v) for k, v in statistic(stack.mean(axis=0)).items()}
+    squares = flat * flat if with_standard_error else None
+
+    def call(weights):
+        mean = np.einsum("i,ij->j", weights, flat)
+        if not with_standard_error:
+            return statistic(mean.reshape(stack.shape[1:]))
+        var = np.maximum(np.einsum("i,ij->j", weights, squares) - mean * mean, 0.0) * n / max(n - 1, 1)
+        return statistic(mean.reshape(stack.shape[1:]), np.sqrt(var / n).reshape(stack.shape[1:]))
+
+    estimate = {k: float(v) for k, v in call(np.full(n, 1.0 / n)).items()}
     rng = np.random.default_rng(seed)
     samples = {k: np.full(int(n_resamples), np.nan) for k in estimate}
     for b in range(int(n_resamples)):
         weights = np.bincount(rng.integers(0, n, size=n), minlength=n) / n
         # einsum, not BLAS: a (1×N)·(N×P) product is memory-bound and BLAS threads only add contention
-        mean_map = np.einsum("i,ij->j", weights, flat).reshape(stack.shape[1:])
-        for k, v in statistic(mean_map).items():
+        for k, v in call(weights).items():
             if k in samples:
                 samples[k][b] = float(v)
     alpha = (1 - confidence) / 2

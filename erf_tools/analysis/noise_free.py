@@ -1,0 +1,307 @@
+"""Noise-free AGD score and R²: estimates of the scores of the true mean map E[M], not of the noisy average M.
+
+An ERF map M is the mean of N per-image maps, so each pixel carries sampling noise with standard error s (known from
+the per-image statistics, or estimated from the map, :mod:`.noise`). The AGD score of M is biased low by that noise,
+mostly because
+
+* the positive part of the background noise adds mass ≈ Σ s/√(2π) to the normaliser of p = max(M − b, 0) (an
+  O(N^−1/2) bias that does not vanish with the map size), and
+* E√p ≠ √E p inside the ERF (an O(1/N) bias).
+
+**Estimator (plug-in bias correction with exact per-pixel expectations).** The fitted Gaussian (A, μ, Σ, offset b) is
+a smooth function of M, so its own noise bias is second order; the score's bias comes from the clipping and the
+square root, which act pixel by pixel. Write the Bhattacharyya coefficient as BC = U / √D with
+
+    D = Σ_j max(x_j, 0),   U = Σ_j √q_j · √max(x_j, 0),   x_j = M_j − b,   q = g / Σ g.
+
+For a pixel with noise-free value m and Gaussian noise of s.d. s the expectations are exact and cheap,
+
+    E max(m + sZ, 0) = m·Φ(m/s) + s·φ(m/s),   E √max(m + sZ, 0) = √s · F(m/s),  F(k) = E √max(k + Z, 0)
+
+(F tabulated once by quadrature), so the bias of D and U at a noise-free map m̃ is computed without Monte Carlo:
+β_D(m̃) = Σ E max(m̃_j − b + s_j Z, 0) − max(m̃_j − b, 0), and likewise β_U. It is evaluated at a denoised plug-in
+m̃ = fitted model + w·(smoothed residual), the residual smoothed by a Gaussian of :data:`RESIDUAL_SMOOTHING` px and
+shrunk by the Wiener factor w = max(0, 1 − noise variance / local residual power), so that a map the Gaussian
+describes is taken as the Gaussian, and a map it does not (a disk, a plateau, steps) keeps its real structure; then
+D₀ = D(M) − β_D(m̃), U₀ = U(M) − β_U(m̃), BC₀ = U₀/√D₀ and agd_score = 1 − √(1 − BC₀).
+
+The estimate is consistent (β → 0 as s → 0) and removes the O(N^−1/2) term exactly when m̃ is right to within s.
+What it cannot remove is a property of the score itself: near a perfect Gaussian the score 1 − √H² has an infinite
+slope, so noise in H² of s.d. τ leaves a bias of order √τ; the intervals (built on the H² scale) say how large.
+SIMEX (extrapolating D and U from added-noise levels back to zero) was tried first and over-corrects, because the
+background terms of U grow like √(noise s.d.), not like a polynomial; see docs/scoring.md.
+
+R² is corrected in closed form: E SS_res(M) = SS_res(E M) + Σ s² (1 − k/P) and E SS_tot(M) = SS_tot(E M) +
+Σ s² (1 − 1/P) for a least-squares fit with k parameters on P pixels, to first order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.special import ndtr
+from scipy.stats import chi2 as chi2_distribution
+
+__all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
+           "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
+           "gaussian_explains", "GATE_LEVEL", "RESIDUAL_THRESHOLD"]
+
+RESIDUAL_SMOOTHING = 2.0
+"""σ (map pixels) of the Gaussian smoothing the fit residual in the plug-in map (chosen on the simulations of
+bench/bench_agd_noise.py: 1 px leaves more noise in the plug-in, 3 px blurs steps and plateaus)."""
+
+GATE_LEVEL = 0.05
+"""χ² p-value above which the fitted Gaussian alone is the plug-in map (:func:`gaussian_explains`)."""
+
+GATE_FLOOR = 0.5
+"""Floor of s in the χ² gate, as a fraction of the median positive s."""
+
+RESIDUAL_THRESHOLD = 1.0
+"""Shrinkage threshold of the residual in the plug-in map (:func:`denoised_map`)."""
+
+_K_MAX = 40.0
+_K_GRID = np.linspace(-10.0, _K_MAX, 5001)
+
+
+def _tabulate_sqrt_positive() -> np.ndarray:
+    """F(k) = E √max(k + Z, 0), Z ~ N(0, 1), on :data:`_K_GRID` (Gauss–Legendre on z ∈ [−k, −k + 60])."""
+    nodes, weights = np.polynomial.legendre.leggauss(400)
+    out = np.empty_like(_K_GRID)
+    for i, k in enumerate(_K_GRID):
+        lo = max(-k, -12.0)
+        hi = max(lo + 1e-9, 12.0)
+        # substitute z = lo + u², which removes the √ singularity at z = −k
+        umax = np.sqrt(hi - lo)
+        u = 0.5 * umax * (nodes + 1.0)
+        z = lo + u * u
+        f = np.sqrt(np.maximum(k + z, 0.0)) * np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi) * 2 * u
+        out[i] = 0.5 * umax * float(np.dot(weights, f))
+    return out
+
+
+_F_TABLE = _tabulate_sqrt_positive()
+
+
+def expected_positive_part(x, sigma) -> np.ndarray:
+    """E max(x + σZ, 0) for Z ~ N(0, 1), elementwise (σ = 0 gives max(x, 0)).
+
+    Examples
+    --------
+    >>> round(float(expected_positive_part(0.0, 1.0)), 6)  # 1/√(2π)
+    0.398942
+    """
+    x = np.asarray(x, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    safe = np.where(sigma > 0, sigma, 1.0)
+    k = x / safe
+    value = x * ndtr(k) + safe * np.exp(-0.5 * k * k) / np.sqrt(2 * np.pi)
+    return np.where(sigma > 0, value, np.maximum(x, 0.0))
+
+
+def expected_sqrt_positive(x, sigma) -> np.ndarray:
+    """E √max(x + σZ, 0) for Z ~ N(0, 1), elementwise (σ = 0 gives √max(x, 0)).
+
+    Tabulated in k = x/σ on [−10, 40]; beyond, 0 below and the expansion √x (1 − 1/(8k²) − 15/(128k⁴)) above.
+
+    Examples
+    --------
+    >>> round(float(expected_sqrt_positive(0.0, 1.0)), 4)  # 2^(1/4) Γ(3/4) / (2√π)
+    0.4111
+    """
+    x = np.asarray(x, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    safe = np.where(sigma > 0, sigma, 1.0)
+    k = x / safe
+    inside = np.interp(k, _K_GRID, _F_TABLE) * np.sqrt(safe)
+    kk = np.maximum(k, 1.0)
+    tail = np.sqrt(np.maximum(x, 0.0)) * (1.0 - 1.0 / (8 * kk * kk) - 15.0 / (128 * kk**4))
+    value = np.where(k > _K_MAX, tail, np.where(k < _K_GRID[0], 0.0, inside))
+    return np.where(sigma > 0, value, np.sqrt(np.maximum(x, 0.0)))
+
+
+@dataclass(frozen=True)
+class NoiseFreeScore:
+    """Result of :func:`noise_free_agd`.
+
+    ``score`` is the noise-free estimate, ``raw`` the score of the noisy map (``agd_score_raw``);
+    ``hellinger_squared`` the bias-corrected H² = 1 − BC₀ (may come out slightly negative through noise: the score is
+    then 1); ``bias`` = raw − score; ``noise_mass_fraction`` the share of the raw normaliser D(M) that is noise,
+    β_D/D(M).
+    """
+
+    score: float
+    raw: float
+    hellinger_squared: float
+    hellinger_squared_raw: float
+    bias: float
+    noise_mass_fraction: float
+    plug_in: str = ""
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "raw": self.raw, "hellinger_squared": self.hellinger_squared,
+                "hellinger_squared_raw": self.hellinger_squared_raw, "bias": self.bias,
+                "noise_mass_fraction": self.noise_mass_fraction, "plug_in": self.plug_in,
+                "method": "plug-in bias correction of D and U (exact per-pixel expectations at the denoised map)",
+                "residual_smoothing_px": RESIDUAL_SMOOTHING}
+
+
+def score_from_hellinger_squared(h2: float) -> float:
+    """1 − √H², with H² clipped to [0, 1] (NaN stays NaN)."""
+    if not np.isfinite(h2):
+        return float("nan")
+    return float(1.0 - np.sqrt(min(max(h2, 0.0), 1.0)))
+
+
+def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SMOOTHING,
+                 threshold: float = RESIDUAL_THRESHOLD) -> np.ndarray:
+    """Plug-in estimate of the noise-free map: ``model`` + Wiener-shrunk Gaussian-smoothed residual (module docstring).
+
+    Parameters
+    ----------
+    image, model : array_like, shape (H, W)
+        The noisy map and the fitted model (with its offset).
+    standard_error : array_like, shape (H, W) or float
+        Per-pixel standard error of ``image``.
+    smoothing : float
+        σ in pixels of the Gaussian that smooths the residual (0: the residual is used unsmoothed, unshrunk).
+    threshold : float
+        Shrink factor max(0, 1 − threshold · noise variance / local residual power): 1 is the Wiener factor; larger
+        values keep the residual only where it clearly stands above the noise.
+    """
+    data = np.asarray(image, dtype=np.float64)
+    model = np.asarray(model, dtype=np.float64)
+    residual = data - model
+    if not smoothing > 0:
+        return data.copy()
+    s2 = np.broadcast_to(np.asarray(standard_error, dtype=np.float64) ** 2, data.shape)
+    smooth = gaussian_filter(residual, smoothing, mode="nearest")
+    # variance of white noise after the filter: s² · Σ k² (k the sampled kernel)
+    size = int(4 * smoothing + 0.5)
+    delta = np.zeros((2 * size + 1, 2 * size + 1))
+    delta[size, size] = 1.0
+    kernel_power = float((gaussian_filter(delta, smoothing, mode="constant") ** 2).sum())
+    noise_var = gaussian_filter(s2, smoothing, mode="nearest") * kernel_power
+    power = gaussian_filter(smooth * smooth, 2 * smoothing, mode="nearest")
+    shrink = np.clip(1.0 - np.divide(threshold * noise_var, power, out=np.ones_like(power), where=power > 0), 0.0, 1.0)
+    return model + shrink * smooth
+
+
+def gaussian_explains(image, model, standard_error, *, variance_dof: int | None = None,
+                      level: float = GATE_LEVEL) -> tuple[bool, float]:
+    """(p ≥ ``level``, p) of the χ² test "``model`` explains ``image`` within its noise" (unweighted-fit residual).
+
+    χ² = Σ ((M − m)/s)² with s floored at :data:`GATE_FLOOR` × its median positive value (a background pixel where
+    every image was 0 has s = 0, which is sampling luck, not certainty), scaled by (ν − 2)/ν when the variances
+    have ν = ``variance_dof`` degrees of freedom, against χ²(P − 7). Pixels are taken as independent.
+    """
+    data = np.asarray(image, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(standard_error, dtype=np.float64), data.shape)
+    positive = s[s > 0]
+    if not positive.size:
+        return False, float("nan")
+    s_eff = np.maximum(s, GATE_FLOOR * float(np.median(positive)))
+    chi2 = float((((data - np.asarray(model, dtype=np.float64)) / s_eff) ** 2).sum())
+    if variance_dof is not None and variance_dof > 2:
+        chi2 *= (variance_dof - 2) / variance_dof
+    dof = data.size - 7
+    if dof < 1:
+        return False, float("nan")
+    p = float(chi2_distribution.sf(chi2, dof))
+    return bool(p >= level), p
+
+
+def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,
+                   smoothing: float = RESIDUAL_SMOOTHING, threshold: float = RESIDUAL_THRESHOLD,
+                   variance_dof: int | None = None, plug_in: str = "auto") -> NoiseFreeScore:
+    """Noise-free AGD score of a noisy map for a given fit (module docstring).
+
+    Parameters
+    ----------
+    image : array_like, shape (H, W)
+        The (noisy) mean map.
+    offset : float
+        Fitted offset b.
+    gaussian : array_like, shape (H, W)
+        The fitted Gaussian without offset on the same grid, at the map's scale.
+    standard_error : array_like, shape (H, W) or float
+        Standard error of each pixel of ``image`` (same units).
+    model : array_like, optional
+        The fitted model with offset (default ``gaussian + offset``).
+    smoothing, threshold : float
+        Residual smoothing and shrinkage of the plug-in map (:func:`denoised_map`).
+    variance_dof : int, optional
+        Degrees of freedom of the variances behind ``standard_error`` (N − 1), for the χ² gate.
+    plug_in : {"auto", "model", "residual"}
+        The noise-free map at which the bias is evaluated: the fitted model alone, the model plus the shrunk
+        residual, or (``"auto"``) the model alone when the χ² test accepts it (:func:`gaussian_explains`), else the
+        model plus the residual.
+
+    Returns
+    -------
+    NoiseFreeScore
+        NaN fields when the map has nothing above the offset or the Gaussian is empty.
+
+    Examples
+    --------
+    >>> from erf_tools.analysis import gaussian_2d
+    >>> g = gaussian_2d((48, 48), (23.5, 23.5), 5.0, 5.0)
+    >>> round(noise_free_agd(g, 0.0, g, 0.0).score, 6)
+    1.0
+    """
+    data = np.asarray(image, dtype=np.float64)
+    g = np.asarray(gaussian, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(standard_error, dtype=np.float64), data.shape)
+    if g.shape != data.shape:
+        raise ValueError(f"gaussian must have the map's shape {data.shape}, got {g.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("standard_error must be finite and non-negative")
+    nan = float("nan")
+    g_sum = g.sum()
+    x = data - float(offset)
+    positive = np.maximum(x, 0.0)
+    if not (g_sum > 0 and np.isfinite(g_sum)) or not positive.sum() > 0:
+        return NoiseFreeScore(nan, nan, nan, nan, nan, nan, "")
+    root_q = np.sqrt(np.maximum(g / g_sum, 0.0))
+    d_raw = float(positive.sum())
+    u_raw = float((root_q * np.sqrt(positive)).sum())
+    h2_raw = 1.0 - min(u_raw / np.sqrt(d_raw), 1.0)
+    model = g + float(offset) if model is None else np.asarray(model, dtype=np.float64)
+    if plug_in not in ("auto", "model", "residual"):
+        raise ValueError(f"plug_in must be 'auto', 'model' or 'residual', got {plug_in!r}")
+    use_model = plug_in == "model" or (plug_in == "auto" and gaussian_explains(data, model, s,
+                                                                               variance_dof=variance_dof)[0])
+    plug = (model if use_model else denoised_map(data, model, s, smoothing=smoothing, threshold=threshold)) - float(
+        offset)
+    plug_pos = np.maximum(plug, 0.0)
+    bias_d = float((expected_positive_part(plug, s) - plug_pos).sum())
+    bias_u = float((root_q * (expected_sqrt_positive(plug, s) - np.sqrt(plug_pos))).sum())
+    d0, u0 = d_raw - bias_d, u_raw - bias_u
+    h2 = 1.0 - u0 / np.sqrt(d0) if d0 > 0 and u0 > 0 else nan
+    raw = score_from_hellinger_squared(h2_raw)
+    score = score_from_hellinger_squared(h2)
+    return NoiseFreeScore(score=score, raw=raw, hellinger_squared=float(h2), hellinger_squared_raw=float(h2_raw),
+                          bias=raw - score if np.isfinite(score) else nan, noise_mass_fraction=bias_d / d_raw,
+                          plug_in="model" if use_model else "model+residual")
+
+
+def noise_free_r_squared(image, model, standard_error, *, n_parameters: int = 7) -> tuple[float, float]:
+    """(noise-corrected R², raw R²) of a least-squares fit ``model`` to a noisy ``image`` (module docstring).
+
+    The correction removes the expected noise contributions Σ s²(1 − k/P) from SS_res and Σ s²(1 − 1/P) from SS_tot,
+    so it estimates 1 − SS_res(E M)/SS_tot(E M) of the noise-free map; it is clipped to at most 1.
+    """
+    data = np.asarray(image, dtype=np.float64)
+    model = np.asarray(model, dtype=np.float64)
+    s2 = np.broadcast_to(np.asarray(standard_error, dtype=np.float64) ** 2, data.shape)
+    p = data.size
+    ss_tot = float(((data - data.mean()) ** 2).sum())
+    ss_res = float(((data - model) ** 2).sum())
+    if not ss_tot > 0:
+        return float("nan"), float("nan")
+    noise = float(s2.sum())
+    raw = 1.0 - ss_res / ss_tot
+    tot0 = ss_tot - noise * (1.0 - 1.0 / p)
+    res0 = max(ss_res - noise * (1.0 - n_parameters / p), 0.0)
+    corrected = 1.0 - res0 / tot0 if tot0 > 0 else float("nan")
+    return float(min(corrected, 1.0)), float(raw)
