@@ -158,11 +158,10 @@ class _Canvas:
     """Leaf labels on a padded canvas: the smallest (front-most) index of the leaves covering each pixel.
 
     Leaves are drawn in batches of increasing index; a pixel keeps the smallest index (scatter-min), so a batch may
-    be drawn in any order. Before a batch, leaves whose bounding box lies wholly on covered BLOCK×BLOCK blocks are
-    dropped: they are hidden, and skipping them keeps the work near one write per pixel.
+    be drawn in any order. Before a batch, leaves whose bounding box holds no bare pixel are dropped: they are hidden
+    (every pixel they could cover shows a leaf in front of them), and skipping them keeps the work near a few writes
+    per pixel.
     """
-
-    BLOCK = 8
 
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width, self.pad = height, width, 2 * STAMP_RADIUS + 1
@@ -170,23 +169,16 @@ class _Canvas:
         self.bare = np.iinfo(np.int32).max
         self.labels = torch.full(((height + 2 * self.pad) * self.row,), self.bare, dtype=torch.int32)
         self.offsets = (_STAMP_OFFSETS[0] * self.row + _STAMP_OFFSETS[1]).astype(np.int64)
-        self.blocks_y = -(-height // self.BLOCK)
-        self.blocks_x = -(-width // self.BLOCK)
 
     def view(self) -> torch.Tensor:
         grid = self.labels.view(self.height + 2 * self.pad, self.row)
         return grid[self.pad:self.pad + self.height, self.pad:self.pad + self.width]
 
-    def bare_blocks(self) -> np.ndarray:
-        """Summed-area table of the number of bare pixels per block, (blocks_y + 1) × (blocks_x + 1)."""
-        bare = (self.view() == self.bare).numpy()
-        b = self.BLOCK
-        padded = np.zeros((self.blocks_y * b, self.blocks_x * b), dtype=np.int32)
-        padded[:self.height, :self.width] = bare
-        counts = padded.reshape(self.blocks_y, b, self.blocks_x, b).sum(axis=(1, 3))
-        table = np.zeros((self.blocks_y + 1, self.blocks_x + 1), dtype=np.int64)
-        table[1:, 1:] = counts.cumsum(0).cumsum(1)
-        return table
+    def bare_table(self) -> np.ndarray:
+        """Summed-area table of the bare pixels, (height + 1) × (width + 1): bare pixels in any box in 4 look-ups."""
+        table = torch.zeros((self.height + 1, self.width + 1), dtype=torch.int32)
+        table[1:, 1:] = (self.view() == self.bare).to(torch.int32).cumsum(0).cumsum(1)
+        return table.numpy()
 
     def draw(self, leaves: Leaves, first_index: int) -> int:
         """Draw leaves numbered first_index, first_index + 1, ...; returns the number of bare pixels left."""
@@ -199,11 +191,8 @@ class _Canvas:
         y1 = np.clip(np.floor(cy + r) + 1, 0, self.height).astype(np.int64)
         x0 = np.clip(np.ceil(cx - r), 0, self.width).astype(np.int64)
         x1 = np.clip(np.floor(cx + r) + 1, 0, self.width).astype(np.int64)
-        table = self.bare_blocks()
-        b = self.BLOCK
-        by0, bx0 = y0 // b, x0 // b
-        by1, bx1 = -(-y1 // b), -(-x1 // b)
-        bare_in_box = table[by1, bx1] - table[by0, bx1] - table[by1, bx0] + table[by0, bx0]
+        table = self.bare_table()
+        bare_in_box = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
         visible = np.flatnonzero((y1 > y0) & (x1 > x0) & (bare_in_box > 0))
         small = visible[stamped[visible]]
         large = visible[~stamped[visible]]
@@ -274,19 +263,21 @@ def render(labels: np.ndarray, leaves: Leaves, colours: np.ndarray, shade: np.nd
     """RGB uint8 H×W×3: each pixel the colour of its leaf times 1 + the leaf's linear shading at that pixel.
 
     ``colours`` has one row per leaf plus a last row for the background (label -1); ``shade`` (count×2) is each
-    leaf's luminance gradient (d/dy, d/dx) per pixel.
+    leaf's luminance gradient (d/dy, d/dx) per pixel, zero at the leaf's centre.
     """
     height, width = labels.shape
-    index = np.where(labels < 0, len(colours) - 1, labels)
-    # Shading is affine in (y, x) per leaf: a + gy·y + gx·x, with a chosen so that the centre keeps its colour.
+    index = np.where(labels < 0, len(colours) - 1, labels).ravel()
+    # The gain is affine in (y, x) per leaf, 1 + gy·(y - cy) + gx·(x - cx); the background is flat.
     gy = np.append(shade[:, 0], 0.0).astype(np.float32)
     gx = np.append(shade[:, 1], 0.0).astype(np.float32)
     offset = np.append(1.0 - shade[:, 0] * leaves.centre_y - shade[:, 1] * leaves.centre_x, 1.0).astype(np.float32)
     ys = np.arange(height, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
-    gain = offset[index] + gy[index] * ys + gx[index] * xs
-    rgb = colours[index] * gain[..., None]
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    gain = (np.take(offset, index).reshape(height, width) + np.take(gy, index).reshape(height, width) * ys
+            + np.take(gx, index).reshape(height, width) * xs)
+    rgb = np.take(colours * 255.0, index, axis=0).reshape(height, width, 3)
+    rgb *= gain[..., None]
+    return np.clip(rgb + 0.5, 0, 255, out=rgb).astype(np.uint8)
 
 
 def synthetic_image(seed: int, index: int, height: int, width: int,
