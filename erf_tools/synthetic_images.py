@@ -59,7 +59,8 @@ class DeadLeavesModel:
 
     exponent: the radius density is ∝ r^-exponent on [r_min, r_max]; 3 is the scale-invariant law of Lee, Mumford &
         Huang 2001 (power spectrum 1/f²); smaller values favour large leaves (steeper spectrum), larger ones small.
-    r_min: smallest radius in pixels (2 px: the finest edges the image can show without aliasing every leaf).
+    r_min: smallest radius in pixels (1.5 px: leaves of 3 pixels across, about the finest edges a pixel grid shows;
+        with 2 px the spectrum steepens to a slope of about -2.4).
     r_max_fraction: largest radius as a fraction of the shorter image side (0.5: a leaf can fill the picture).
     shading: largest relative luminance change from a leaf's centre to its rim (0 = flat leaves).
     max_uncovered: stop laying leaves when fewer than this fraction of pixels is bare.
@@ -67,7 +68,7 @@ class DeadLeavesModel:
     """
 
     exponent: float = 3.0
-    r_min: float = 2.0
+    r_min: float = 1.5
     r_max_fraction: float = 0.5
     shading: float = 0.3
     max_uncovered: float = 0.005
@@ -298,3 +299,55 @@ def synthetic_image(seed: int, index: int, height: int, width: int,
     amplitude = rng.random(count) * model.shading / leaves.radius
     shade = np.stack([np.sin(angle), np.cos(angle)], axis=1) * amplitude[:, None]
     return render(labels, leaves, colours, shade)
+
+
+def radial_power_spectrum(luminance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of a 2-D image (mean removed, Hann window): (frequency in cycles/px, power)
+    at integer radii 1 .. min(H, W)/2 - 1 of the frequency grid."""
+    image = np.asarray(luminance, dtype=np.float64)
+    if image.ndim != 2 or min(image.shape) < 8:
+        raise SyntheticImageError(f"need a 2-D image of at least 8×8 px, got shape {image.shape}")
+    height, width = image.shape
+    window = np.outer(np.hanning(height), np.hanning(width))
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2((image - image.mean()) * window))) ** 2
+    fy = (np.arange(height) - height // 2) / height
+    fx = (np.arange(width) - width // 2) / width
+    radius = np.hypot(fy[:, None], fx[None, :]) * min(height, width)
+    bins = np.rint(radius).astype(np.int64)
+    top = min(height, width) // 2
+    power = np.bincount(bins.ravel(), spectrum.ravel(), minlength=top)[1:top] / \
+        np.bincount(bins.ravel(), minlength=top)[1:top]
+    return np.arange(1, top) / min(height, width), power
+
+
+def spectrum_slope(frequency: np.ndarray, power: np.ndarray, band: tuple[float, float] = (0.02, 0.25)) -> float:
+    """Least-squares slope of log power against log frequency within ``band`` (cycles/px); -2 for a 1/f² law."""
+    keep = (frequency >= band[0]) & (frequency <= band[1]) & (power > 0)
+    if keep.sum() < 3:
+        raise SyntheticImageError(f"fewer than 3 frequencies in the band {band}")
+    return float(np.polyfit(np.log(frequency[keep]), np.log(power[keep]), 1)[0])
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an RGB image, in the image's units."""
+    return np.asarray(image, dtype=np.float64) @ np.asarray(LUMA)
+
+
+def occlusion_edge_density(labels: np.ndarray) -> float:
+    """Fraction of horizontally and vertically adjacent pixel pairs that show different leaves."""
+    horizontal = labels[:, 1:] != labels[:, :-1]
+    vertical = labels[1:, :] != labels[:-1, :]
+    return float((horizontal.sum() + vertical.sum()) / (horizontal.size + vertical.size))
+
+
+def expected_edge_density(model: DeadLeavesModel, height: int, width: int) -> float:
+    """The dead-leaves prediction for :func:`occlusion_edge_density`: boundary length per unit area
+    E[perimeter] / E[area] = 2 E[r] / E[r²] (Matheron 1975), times 2/π for pixel pairs along one axis."""
+    r_max = model.r_max(height, width)
+    if r_max <= model.r_min:
+        mean_r, mean_r2 = model.r_min, model.r_min ** 2
+    else:
+        norm = _power_integral(-model.exponent, model.r_min, r_max)
+        mean_r = _power_integral(1.0 - model.exponent, model.r_min, r_max) / norm
+        mean_r2 = _power_integral(2.0 - model.exponent, model.r_min, r_max) / norm
+    return float(2.0 * mean_r / mean_r2 * 2.0 / np.pi)
