@@ -94,7 +94,9 @@ class DeadLeavesModel:
         return max(self.r_min, self.r_max_fraction * min(height, width))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-native (lists, not tuples), so that a description read back from a file compares equal."""
+        return {key: np.asarray(value).tolist() if isinstance(value, tuple) else value
+                for key, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)
