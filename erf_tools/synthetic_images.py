@@ -161,10 +161,12 @@ class _Canvas:
     """Leaf labels on a padded canvas: the smallest (front-most) index of the leaves covering each pixel.
 
     Leaves are drawn in batches of increasing index; a pixel keeps the smallest index (scatter-min), so a batch may
-    be drawn in any order. Before a batch, leaves whose bounding box holds no bare pixel are dropped: they are hidden
-    (every pixel they could cover shows a leaf in front of them), and skipping them keeps the work near a few writes
-    per pixel.
+    be drawn in any order. Before a batch, leaves whose bounding box meets no BLOCK×BLOCK block with a bare pixel are
+    dropped: they are hidden (every pixel they could cover shows a leaf in front of them), and skipping them keeps
+    the work near a few writes per pixel.
     """
+
+    BLOCK = 4
 
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width, self.pad = height, width, 2 * STAMP_RADIUS + 1
@@ -177,14 +179,17 @@ class _Canvas:
         grid = self.labels.view(self.height + 2 * self.pad, self.row)
         return grid[self.pad:self.pad + self.height, self.pad:self.pad + self.width]
 
-    def bare_table(self) -> np.ndarray:
-        """Summed-area table of the bare pixels, (height + 1) × (width + 1): bare pixels in any box in 4 look-ups."""
-        table = torch.zeros((self.height + 1, self.width + 1), dtype=torch.int32)
-        table[1:, 1:] = (self.view() == self.bare).to(torch.int32).cumsum(0).cumsum(1)
-        return table.numpy()
+    def bare_table(self) -> tuple[np.ndarray, int]:
+        """Summed-area table of the BLOCK×BLOCK blocks holding a bare pixel, (blocks_y + 1) × (blocks_x + 1), and
+        the number of bare pixels."""
+        bare = (self.view() == self.bare).to(torch.float32)
+        blocks = torch.nn.functional.max_pool2d(bare[None], self.BLOCK, ceil_mode=True)[0].numpy()
+        table = np.zeros((blocks.shape[0] + 1, blocks.shape[1] + 1), dtype=np.int32)
+        table[1:, 1:] = blocks.cumsum(axis=0).cumsum(axis=1)
+        return table, int(bare.sum())
 
-    def draw(self, leaves: Leaves, first_index: int) -> int:
-        """Draw leaves numbered first_index, first_index + 1, ...; returns the number of bare pixels left."""
+    def draw(self, leaves: Leaves, first_index: int, table: np.ndarray) -> None:
+        """Draw leaves numbered first_index, first_index + 1, ...; ``table``: :meth:`bare_table` before it."""
         r = leaves.radius
         # Small leaves are stamped about the nearest pixel centre: their boxes are taken about that centre too.
         stamped = r <= STAMP_RADIUS
@@ -194,8 +199,9 @@ class _Canvas:
         y1 = np.clip(np.floor(cy + r) + 1, 0, self.height).astype(np.int64)
         x0 = np.clip(np.ceil(cx - r), 0, self.width).astype(np.int64)
         x1 = np.clip(np.floor(cx + r) + 1, 0, self.width).astype(np.int64)
-        table = self.bare_table()
-        bare_in_box = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+        b = self.BLOCK
+        by0, bx0, by1, bx1 = y0 // b, x0 // b, -(-y1 // b), -(-x1 // b)
+        bare_in_box = table[by1, bx1] - table[by0, bx1] - table[by1, bx0] + table[by0, bx0]
         visible = np.flatnonzero((y1 > y0) & (x1 > x0) & (bare_in_box > 0))
         small = visible[stamped[visible]]
         large = visible[~stamped[visible]]
@@ -218,35 +224,52 @@ class _Canvas:
         if pixels:
             self.labels.scatter_reduce_(0, torch.from_numpy(np.concatenate(pixels)),
                                         torch.from_numpy(np.concatenate(labels)), "amin")
-        return int((self.view() == self.bare).sum())
+
+
+def sample_leaves(rng: np.random.Generator, height: int, width: int, model: DeadLeavesModel,
+                  coverage: float) -> Leaves:
+    """A Poisson batch of leaves that covers each image point ``coverage`` times on average, in random order.
+
+    Only leaves that can reach the image are drawn: a leaf of radius r reaches it only if its centre lies within r of
+    it, so the small leaves (r <= STAMP_RADIUS) fall on the image grown by STAMP_RADIUS and the large ones on the
+    image grown by r_max, each class with its share of the radius law. That is the stationary process on the whole
+    plane, restricted to the leaves that matter, without drawing the many small leaves far outside.
+    """
+    r_max = model.r_max(height, width)
+    intensity = coverage / mean_disc_area(model.exponent, model.r_min, r_max)  # leaves per px²
+    split = min(float(STAMP_RADIUS), r_max)
+    norm = _power_integral(-model.exponent, model.r_min, r_max) if r_max > model.r_min else 1.0
+    small_share = _power_integral(-model.exponent, model.r_min, split) / norm if r_max > model.r_min else 1.0
+    parts = []
+    for share, low, high, margin in ((small_share, model.r_min, split, split),
+                                     (1.0 - small_share, split, r_max, r_max)):
+        if share <= 0:
+            continue
+        span_y, span_x = height + 2 * margin, width + 2 * margin
+        count = int(rng.poisson(intensity * share * span_y * span_x))
+        parts.append((rng.random(count) * span_y - margin, rng.random(count) * span_x - margin,
+                      sample_radii(rng, count, model.exponent, low, high)))
+    order = rng.permutation(sum(len(p[2]) for p in parts))
+    return Leaves(*(np.concatenate([p[k] for p in parts])[order] for k in range(3)))
 
 
 def dead_leaves_labels(
     rng: np.random.Generator, height: int, width: int, model: DeadLeavesModel
 ) -> tuple[np.ndarray, Leaves]:
     """The front-most leaf of every pixel (int32 H×W, -1 where no leaf landed) and the leaves drawn, in order."""
-    r_max = model.r_max(height, width)
-    # Centres fall on the image grown by r_max on every side, so every leaf that can reach the image may fall
-    # (a stationary process); leaves that land too far out to reach it are drawn nowhere.
-    span_y, span_x = height + 2 * r_max, width + 2 * r_max
-    # One unit covers each point of the grown area once on average; the first batch lays two units (86 % of the
-    # pixels), each later one one unit, and coverage is checked between batches.
-    unit = max(16, int(np.ceil(span_y * span_x / mean_disc_area(model.exponent, model.r_min, r_max))))
     canvas = _Canvas(height, width)
     drawn: list[Leaves] = []
     total = 0
+    # The first batch covers each point twice on average (86 % of the pixels), each later one once more; coverage is
+    # checked between batches.
     for attempt in range(64):
-        batch = 2 * unit if attempt == 0 else unit
-        leaves = Leaves(
-            centre_y=rng.random(batch) * span_y - r_max,
-            centre_x=rng.random(batch) * span_x - r_max,
-            radius=sample_radii(rng, batch, model.exponent, model.r_min, r_max),
-        )
-        bare = canvas.draw(leaves, total)
-        drawn.append(leaves)
-        total += batch
+        table, bare = canvas.bare_table()
         if bare < model.max_uncovered * height * width:
             break
+        leaves = sample_leaves(rng, height, width, model, 2.0 if attempt == 0 else 1.0)
+        canvas.draw(leaves, total, table)
+        drawn.append(leaves)
+        total += len(leaves.radius)
     labels = canvas.view().numpy().copy()
     labels[labels == canvas.bare] = -1
     all_leaves = Leaves(*(np.concatenate([getattr(b, f) for b in drawn]) for f in ("centre_y", "centre_x", "radius")))
