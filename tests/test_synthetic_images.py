@@ -211,3 +211,53 @@ def test_synthetic_source_in_the_engine():
     # The Kim protocol (timm resize + centre crop, crop_pct 0.875) generates at 36 px and crops 32 without resampling.
     timm_like = preprocessing_for("replknet", None, 32)
     assert timm_like.native_size() == (32, 32)
+
+
+def _figure_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "figures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"figures_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_vs_photos_script_on_a_tiny_model(tmp_path):
+    """The validation script end to end on a tiny random conv net (the trained-network run is the lead's)."""
+    script = _figure_script("synthetic_vs_photos")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 5, padding=2))
+    results = script.measure_sources(model, ("synthetic", "sample"), num_images=14, targets="2", input_size=32,
+                                     batch_size=7)
+    assert results["synthetic"].image_source["independent_images"] == 14
+    assert results["sample"].image_source["independent_images"] == 12  # 14 images, 12 photographs
+    summary, reports = script.compare(results, bootstrap=20)
+    agreement = summary["agreement"]
+    assert agreement["pixels"] > 0 and np.isfinite(agreement["chi2_per_pixel"])
+    assert agreement["n_second"] == 12
+    # A source against itself agrees exactly.
+    same = script.map_agreement(results["synthetic"], results["synthetic"])
+    assert same["chi2_per_pixel"] == 0.0
+    written = script.draw(results, reports, tmp_path / "cmp.png")
+    assert written[0].stat().st_size > 0
+
+
+def test_map_agreement_is_calibrated_on_simulated_maps():
+    """Two sources with the same expected map: mean z² ≈ 1; a shifted one: ≫ 1."""
+    from types import SimpleNamespace
+
+    script = _figure_script("synthetic_vs_photos")
+    rng = np.random.default_rng(0)
+    base = np.exp(-((np.arange(16) - 7.5) ** 2) / 20.0)
+    shape = np.outer(base, base)
+
+    def result(centre_shift: int, n: int):
+        maps = np.roll(shape, centre_shift, axis=1)[None] * rng.gamma(4.0, 0.25, size=(n, 16, 16))
+        return SimpleNamespace(per_image_maps=maps, image_source={"independent_images": n})
+
+    agree = script.map_agreement(result(0, 200), result(0, 150))
+    assert 0.8 < agree["chi2_per_pixel"] < 1.25
+    shifted = script.map_agreement(result(0, 200), result(3, 150))
+    assert shifted["chi2_per_pixel"] > 5
