@@ -44,7 +44,7 @@ PHOTOGRAPH_COLOUR_COV = (
 )
 #: Leaves up to this radius (px) are drawn from one table of disc offsets; larger ones one by one on their bounding
 #: box. A speed trade-off only: both draw the same pixels.
-STAMP_RADIUS = 16
+STAMP_RADIUS = 32
 #: ITU-R BT.601 luma weights, for the luminance statistics.
 LUMA = (0.299, 0.587, 0.114)
 
@@ -212,15 +212,16 @@ class _Canvas:
             counts = np.searchsorted(_STAMP_D2, r[small] ** 2, side="right")
             pixels.append(np.repeat(centre, counts) + self.offsets[_ragged_arange(counts)])
             labels.append(np.repeat((small + first_index).astype(np.int32), counts))
-        # Large leaves one by one on their bounding box, back to front, each keeping the smaller label: few of them
-        # survive the culling, and a box is a contiguous slice.
-        grid = self.view()
-        for i in large[::-1].tolist():
-            rows = torch.arange(int(y0[i]), int(y1[i]), dtype=torch.float64)[:, None] - float(cy[i])
-            cols = torch.arange(int(x0[i]), int(x1[i]), dtype=torch.float64)[None, :] - float(cx[i])
-            region = grid[int(y0[i]):int(y1[i]), int(x0[i]):int(x1[i])]
-            disc = rows * rows + cols * cols <= float(r[i] * r[i])
-            region.masked_fill_(disc & (region > i + first_index), i + first_index)
+        # Large leaves one by one on their bounding box (a contiguous slice): few of them survive the culling.
+        grid = self.view().numpy()  # shares memory with the label tensor
+        boxes = np.stack([y0, y1, x0, x1], axis=1)[large].tolist()
+        # Back to front within the batch, each keeping the smaller index, as the scatter-min does for small leaves.
+        for i, (top, bottom, left, right), y, x, radius in reversed(list(zip(
+                (large + first_index).tolist(), boxes, cy[large].tolist(), cx[large].tolist(), r[large].tolist()))):
+            rows = (np.arange(top, bottom) - y)[:, None]
+            cols = (np.arange(left, right) - x)[None, :]
+            region = grid[top:bottom, left:right]
+            region[(rows * rows + cols * cols <= radius * radius) & (region > i)] = i
         if pixels:
             self.labels.scatter_reduce_(0, torch.from_numpy(np.concatenate(pixels)),
                                         torch.from_numpy(np.concatenate(labels)), "amin")
