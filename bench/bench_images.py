@@ -3,7 +3,9 @@
 For each size S the loop alternates, per repeat: generate image ``i`` of the synthetic source at S×S, decode a
 quality-90 JPEG of S×S pixels (a scikit-image photograph resized, so its content is photographic), and decode the same
 JPEG and bring it to the network input like a photograph (``Preprocessing`` warp to S×S from an ImageNet-sized
-500×375 JPEG). Interleaving keeps a busy machine's load the same for all three; the table reports medians.
+500×375 JPEG). Everything runs on one thread, so CPU time (``time.process_time``) is the cost; it is what the
+table reports (medians), because the wall time on a shared machine mostly measures the other jobs. Interleaving
+keeps conditions (caches, frequency) the same for all three.
 
     python bench/bench_images.py --sizes 224 512 1024 --repeats 15 --markdown
 """
@@ -43,9 +45,10 @@ def decode(data: bytes) -> Image.Image:
 
 
 def timed(function) -> float:
-    start = time.perf_counter()
+    """CPU seconds of one call (one thread: the cost, independent of other jobs sharing the machine)."""
+    start = time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def bench_size(size: int, repeats: int) -> dict[str, float]:
@@ -75,11 +78,12 @@ def main() -> None:
     torch.set_num_threads(1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"numpy {np.__version__}, torch {torch.__version__}, Pillow {Image.__version__}, 1 thread, "
-          f"{platform.machine()}, load average {load:.1f} at start; medians of {args.repeats} interleaved repeats")
+          f"{platform.machine()}, load average {load:.1f} at start; CPU time, medians of {args.repeats} interleaved "
+          "repeats")
     rows = [bench_size(size, args.repeats) for size in args.sizes]
     if args.markdown:
-        print("| size | generate (ms) | decode JPEG S×S (ms) | generate / decode | synthetic → input tensor (ms) | "
-              "500×375 JPEG → input tensor (ms) | synthetic / photo input |")
+        print("| size | generate (CPU ms) | decode JPEG S×S (CPU ms) | generate / decode | synthetic → input tensor "
+              "(CPU ms) | 500×375 JPEG → input tensor (CPU ms) | synthetic / photo input |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['size']}² | {r['generate_ms']:.1f} | {r['jpeg_ms']:.1f} | {r['ratio']:.1f}× | "

@@ -55,7 +55,8 @@ class SyntheticImageError(ValueError):
 
 @dataclass(frozen=True)
 class DeadLeavesModel:
-    """Parameters of the coloured dead-leaves model; defaults give a 1/f² power spectrum (slope ≈ -2, see tests).
+    """Parameters of the coloured dead-leaves model; defaults give a 1/f² power spectrum (slope -2.0 to -2.1 over
+    0.02-0.25 cycles/px, see tests).
 
     exponent: the radius density is ∝ r^-exponent on [r_min, r_max]; 3 is the scale-invariant law of Lee, Mumford &
         Huang 2001 (power spectrum 1/f²); smaller values favour large leaves (steeper spectrum), larger ones small.
