@@ -1,10 +1,11 @@
 """Synthetic natural-statistics images: a coloured, shaded dead-leaves model.
 
-The dead-leaves model (Matheron 1975; Lee, Mumford & Huang 2001, "Occlusion models for natural images: a statistical
-study of a scale-invariant dead leaves model", IJCV 41) stacks opaque discs, each hiding what lies below it. With
-radii distributed as r^-3 between ``r_min`` and ``r_max`` the picture is scale invariant between those scales and its
-power spectrum falls as 1/f², the law measured on photographs (Field 1987; Ruderman 1997, "Origins of scaling in
-natural images", Vision Research 37), because occluding objects of all sizes put edges at every scale.
+The dead-leaves model (Matheron 1975, "Random Sets and Integral Geometry"; Lee, Mumford & Huang 2001, "Occlusion
+models for natural images: a statistical study of a scale-invariant dead leaves model", IJCV 41) stacks opaque discs,
+each hiding what lies below it. With radii distributed as r^-3 between ``r_min`` and ``r_max`` the picture is scale
+invariant between those scales and its power spectrum falls as 1/f², the law measured on photographs, which Ruderman
+1997 ("Origins of scaling in natural images", Vision Research 37) traced to occluding objects of all sizes putting
+edges at every scale.
 
 What is added to the plain model, and why:
 
@@ -16,9 +17,9 @@ What is added to the plain model, and why:
 * texture: a linear luminance gradient across each leaf (random direction, relative amplitude up to ``shading``
   between the centre and the rim), the smooth shading of curved, lit surfaces that flat discs lack.
 
-Leaves are laid front to back (the first one drawn is on top), so every leaf needed is drawn once and the process
-stops when fewer than ``max_uncovered`` of the pixels are still bare; those show the ``background`` leaf (a leaf
-behind all others, drawn from the same colour model). Baradad et al. 2021 ("Learning to see by looking at noise",
+Leaves are laid front to back (the first one drawn is on top, each new one behind those already there), an exact
+sampler of the stationary picture that can stop: it stops when fewer than ``max_uncovered`` of the pixels are still
+bare, and those show a background leaf (behind all others, its colour from the same model). Baradad et al. 2021 ("Learning to see by looking at noise",
 NeurIPS) found dead leaves with natural colour and texture among the procedural images closest to photographs for
 training networks; this module only uses the model as a test input, not for training.
 

@@ -202,7 +202,8 @@ def test_synthetic_source_in_the_engine():
     from erf_tools import measure_erf
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3, padding=1))
     result = measure_erf(model, "synthetic", targets="2", num_images=3, input_size=32, batch_size=2)
     assert result.num_images == 3 and result.image_ids == [f"synthetic[0:{i}]" for i in range(3)]
     source = result.image_source
@@ -229,7 +230,8 @@ def test_synthetic_vs_photos_script_on_a_tiny_model(tmp_path):
     """The validation script end to end on a tiny random conv net (the trained-network run is the lead's)."""
     script = _figure_script("synthetic_vs_photos")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 5, padding=2))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 5, padding=2))
     results = script.measure_sources(model, ("synthetic", "sample"), num_images=14, targets="2", input_size=32,
                                      batch_size=7)
     assert results["synthetic"].image_source["independent_images"] == 14
