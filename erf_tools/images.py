@@ -168,6 +168,16 @@ class ImageSource:
             return f"skimage:{SAMPLE_FILES[index % len(SAMPLE_FILES)]}"
         return self.ids[index]
 
+    def source_id_of(self, image_id: str) -> str:
+        """The source id of an image id of this source (what the engine records in ``ERFResult.image_ids``)."""
+        if self.kind == "sample" and image_id.startswith("skimage:"):
+            return image_id.split("#", 1)[0]
+        return image_id
+
+    def count_independent(self, image_ids) -> int:
+        """How many independent source images the given image ids come from (e.g. a result's ``image_ids``)."""
+        return len({self.source_id_of(image_id) for image_id in image_ids})
+
     def num_independent(self, n: int | None = None) -> int:
         """How many independent source images the first ``n`` images (default: all) come from."""
         count = len(self.ids) if n is None else n

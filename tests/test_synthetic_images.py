@@ -183,6 +183,8 @@ def test_independent_counts_per_source(tmp_path):
     assert sample.num_independent() == 12 and sample.num_independent(5) == 5
     assert sample.source_id(13) == sample.source_id(1) == "skimage:chelsea.png"
     assert "crops" in sample.describe()["description"] and sample.describe()["independent_candidates"] == 12
+    assert sample.count_independent([sample.ids[i] for i in (0, 12, 24, 3)]) == 2
+    assert sample.source_id_of(sample.ids[25]) == sample.source_id(25) == "skimage:chelsea.png"
     synthetic = open_image_source("synthetic", num_images=30, seed=1)
     assert synthetic.num_independent() == 30 and synthetic.num_independent(7) == 7
     assert len({synthetic.source_id(i) for i in range(30)}) == 30
