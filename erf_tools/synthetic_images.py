@@ -295,18 +295,23 @@ def render(labels: np.ndarray, leaves: Leaves, colours: np.ndarray, shade: np.nd
     leaf's luminance gradient (d/dy, d/dx) per pixel, zero at the leaf's centre.
     """
     height, width = labels.shape
-    index = np.where(labels < 0, len(colours) - 1, labels).ravel()
+    # One index array of the platform's integer type: np.take would convert an int32 one on every call.
+    index = np.where(labels < 0, len(colours) - 1, labels).astype(np.intp).reshape(height, width)
     # The gain is affine in (y, x) per leaf, 1 + gy·(y - cy) + gx·(x - cx); the background is flat.
     gy = np.append(shade[:, 0], 0.0).astype(np.float32)
     gx = np.append(shade[:, 1], 0.0).astype(np.float32)
     offset = np.append(1.0 - shade[:, 0] * leaves.centre_y - shade[:, 1] * leaves.centre_x, 1.0).astype(np.float32)
-    ys = np.arange(height, dtype=np.float32)[:, None]
-    xs = np.arange(width, dtype=np.float32)[None, :]
-    gain = (np.take(offset, index).reshape(height, width) + np.take(gy, index).reshape(height, width) * ys
-            + np.take(gx, index).reshape(height, width) * xs)
-    rgb = np.take(colours * 255.0, index, axis=0).reshape(height, width, 3)
+    gain = np.take(offset, index)
+    term = np.take(gy, index)
+    term *= np.arange(height, dtype=np.float32)[:, None]
+    gain += term
+    np.take(gx, index, out=term)
+    term *= np.arange(width, dtype=np.float32)[None, :]
+    gain += term
+    rgb = np.take((colours * 255.0).astype(np.float32), index, axis=0)
     rgb *= gain[..., None]
-    return np.clip(rgb + 0.5, 0, 255, out=rgb).astype(np.uint8)
+    rgb += 0.5
+    return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
 def synthetic_image(seed: int, index: int, height: int, width: int,
