@@ -8,7 +8,13 @@ Sources:
   deterministic crops and flips of them (seeded by the image index) supply as many images as asked for;
 * ``"noise"``: standard-normal tensors in the normalised input space (the convention of the conformance fixtures and
   of Luo et al.'s random-input experiments);
+* ``"synthetic"`` (or ``"synthetic:S"``, ``"synthetic:HxW"``): images of the coloured dead-leaves model
+  (:mod:`erf_tools.synthetic_images`), each independent, generated at the size the preprocessing maps onto the input
+  without resampling (or at S×S / H×W px, then preprocessed like a photograph);
 * a tensor N×3×H×W of already preprocessed inputs.
+
+Every image has a *source id* (:meth:`ImageSource.source_id`): images with the same one are not independent (the crops
+and flips of one photograph), so intervals over images must count :meth:`ImageSource.num_independent` of them.
 """
 from __future__ import annotations
 
@@ -23,9 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from erf_tools.synthetic_images import DeadLeavesModel, synthetic_image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 #: Image sources that are generated or bundled rather than read from a folder.
-IMAGE_SOURCE_NAMES = ("sample", "noise")
+IMAGE_SOURCE_NAMES = ("sample", "noise", "synthetic")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Photographs bundled with scikit-image (RGB first, then greyscale ones converted to RGB).
@@ -71,6 +79,12 @@ class Preprocessing:
             image = TF.center_crop(image, list(self.size))
         tensor = TF.to_tensor(image)
         return TF.normalize(tensor, list(self.mean), list(self.std))
+
+    def native_size(self) -> tuple[int, int]:
+        """The (height, width) of an image that this preprocessing maps onto the input without resampling."""
+        if self.resize == "warp":
+            return tuple(self.size)
+        return tuple(int(s / self.crop_pct) for s in self.size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -159,44 +173,113 @@ def warn_preprocessing_mismatch(rule: str, preprocess: Preprocessing | None, mod
     return differences
 
 
+#: What each kind of source is, for the result's record (``describe()["description"]``).
+SOURCE_DESCRIPTIONS = {
+    "folder": "image files of a folder; each file counts as one independent image",
+    "sample": (f"the {len(SAMPLE_FILES)} photographs bundled with scikit-image ({', '.join(SAMPLE_FILES)}; the last "
+               f"six greyscale or texture patches); images {len(SAMPLE_FILES)} and up are seeded crops (50-100 % of "
+               "each side) and flips of the same photographs, so at most "
+               f"{len(SAMPLE_FILES)} of them are independent"),
+    "noise": "standard-normal inputs in the normalised input space; each independent",
+    "synthetic": ("coloured, shaded dead-leaves images (occluding discs, radii ∝ r^-3, 1/f² power spectrum, colours "
+                  "from a Gaussian fit to photograph pixels); each independent, seeded by (seed, index)"),
+}
+
+
 @dataclass
 class ImageSource:
-    """A named, ordered set of images. ``skipped`` collects (id, reason) of files that could not be decoded."""
+    """A named, ordered set of images. ``skipped`` collects (id, reason) of files that could not be decoded.
+
+    image_size: for ``synthetic`` sources, the (height, width) to generate; None = the preprocessing's
+    :meth:`Preprocessing.native_size` (no resampling). model: the synthetic image model.
+    """
 
     kind: str
     ids: list[str]
     root: str | None = None
     seed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None
+    model: DeadLeavesModel | None = None
 
     def describe(self) -> dict[str, Any]:
         # ``skipped`` is the live list, so a description taken before reading still reports every skipped file.
-        return {"kind": self.kind, "root": self.root, "seed": self.seed, "candidates": len(self.ids),
-                "skipped": self.skipped}
+        description = {"kind": self.kind, "root": self.root, "seed": self.seed, "candidates": len(self.ids),
+                       "independent_candidates": self.num_independent(),
+                       "description": SOURCE_DESCRIPTIONS.get(self.kind, self.kind), "skipped": self.skipped}
+        if self.kind == "synthetic":
+            description |= {"image_size": list(self.image_size) if self.image_size else "input",
+                            "model": (self.model or DeadLeavesModel()).to_dict()}
+        return description
 
-    def load(self, index: int) -> Image.Image:
+    def source_id(self, index: int) -> str:
+        """The independent source image of image ``index``: equal ids mean the same photograph (crops, flips)."""
+        if not 0 <= index < len(self.ids):
+            raise IndexError(f"image index {index} out of range for {len(self.ids)} images")
+        if self.kind == "sample":
+            return f"skimage:{SAMPLE_FILES[index % len(SAMPLE_FILES)]}"
+        return self.ids[index]
+
+    def source_id_of(self, image_id: str) -> str:
+        """The source id of an image id of this source (what the engine records in ``ERFResult.image_ids``)."""
+        if self.kind == "sample" and image_id.startswith("skimage:"):
+            return image_id.split("#", 1)[0]
+        return image_id
+
+    def count_independent(self, image_ids) -> int:
+        """How many independent source images the given image ids come from (e.g. a result's ``image_ids``)."""
+        return len({self.source_id_of(image_id) for image_id in image_ids})
+
+    def num_independent(self, n: int | None = None) -> int:
+        """How many independent source images the first ``n`` images (default: all) come from."""
+        count = len(self.ids) if n is None else n
+        if count < 0:
+            raise ValueError(f"the number of images must be non-negative, got {count}")
+        count = min(count, len(self.ids))
+        return len({self.source_id(i) for i in range(count)})
+
+    def load(self, index: int, size: tuple[int, int] | None = None) -> Image.Image:
+        """Image ``index`` as a PIL image; ``size`` (height, width) is the size synthetic sources generate at
+        when they have no ``image_size`` of their own."""
         if self.kind == "folder":
             with Image.open(Path(self.root) / self.ids[index]) as image:
                 image.load()
                 return image.copy()
         if self.kind == "sample":
             return _sample_image(index, self.seed)
+        if self.kind == "synthetic":
+            height, width = self.image_size or size or (None, None)
+            if height is None:
+                raise ImageSourceError("synthetic images need a size: give image_size or a preprocessing rule")
+            return Image.fromarray(synthetic_image(self.seed, index, height, width, self.model))
         raise TypeError(f"{self.kind} sources yield tensors, not images")
 
 
-def open_image_source(spec: str | Path, *, num_images: int | None = None, seed: int = 0) -> ImageSource:
-    """``"sample"``, ``"noise"`` or a folder path as an :class:`ImageSource`."""
+#: Images of a generative source (``noise``, ``synthetic``) when no count is given.
+DEFAULT_GENERATED_IMAGES = 16
+
+
+def open_image_source(spec: str | Path, *, num_images: int | None = None, seed: int = 0,
+                      model: DeadLeavesModel | None = None) -> ImageSource:
+    """``"sample"``, ``"noise"``, ``"synthetic"`` (``"synthetic:S"``, ``"synthetic:HxW"``: generated at that size) or a
+    folder path as an :class:`ImageSource`; ``model`` overrides the synthetic image model's defaults."""
+    if str(spec) == "synthetic" or str(spec).startswith("synthetic:"):
+        count = num_images if num_images is not None else DEFAULT_GENERATED_IMAGES
+        return ImageSource("synthetic", [f"synthetic[{seed}:{i}]" for i in range(count)], seed=seed,
+                           image_size=_synthetic_size(str(spec)), model=model or DeadLeavesModel())
     if str(spec) == "sample":
         count = num_images if num_images is not None else len(SAMPLE_FILES)
         return ImageSource("sample", [_sample_id(i) for i in range(count)], seed=seed)
     if str(spec) == "noise":
-        count = num_images if num_images is not None else 16
+        count = num_images if num_images is not None else DEFAULT_GENERATED_IMAGES
         return ImageSource("noise", [f"noise[{seed}:{i}]" for i in range(count)], seed=seed)
     root = Path(spec)
     if not root.exists():
         raise ImageSourceError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
-        raise ImageSourceError(f"{str(root)!r} is not a folder (give a folder of images, 'sample' or 'noise')")
+        raise ImageSourceError(
+            f"{str(root)!r} is not a folder (give a folder of images, 'sample', 'synthetic' or 'noise')"
+        )
     files = sorted(
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
@@ -220,6 +303,15 @@ def iter_inputs(
             generator = torch.Generator().manual_seed(source.seed * 1_000_003 + index)
             yield source.ids[index], torch.randn((3, *preprocess.size), generator=generator)
         return
+    if source.kind == "synthetic":
+        # Every index is an image (nothing to skip), so a resumed or sharded stream starts at ``start`` directly.
+        native_size = getattr(preprocess, "native_size", None)
+        size = native_size() if native_size is not None else None
+        for index in range(start, min(wanted, len(source.ids))):
+            image = source.load(index, size)
+            yield source.ids[index], (preprocess(image) if preprocess is not None
+                                      else torch.from_numpy(np.asarray(image)))
+        return
     for index, image_id in enumerate(source.ids):
         if produced >= wanted:
             break
@@ -238,6 +330,21 @@ def iter_inputs(
         raise ImageSourceError(
             f"no readable image in {source.root or source.kind!r}: all {len(source.skipped)} files were skipped"
         )
+
+
+def _synthetic_size(spec: str) -> tuple[int, int] | None:
+    """``synthetic`` -> None (the input's size), ``synthetic:S`` -> (S, S), ``synthetic:HxW`` -> (H, W)."""
+    if spec == "synthetic":
+        return None
+    text = spec.split(":", 1)[1]
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise ImageSourceError(f"bad synthetic image size {text!r}: give synthetic:S or synthetic:HxW (pixels)")
+    return (size[0], size[-1])
 
 
 def _sample_id(index: int) -> str:

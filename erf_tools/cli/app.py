@@ -148,8 +148,8 @@ def main_options(
 
 # ---------------------------------------------------------------------------------------------------------- measure
 Model = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `erf models`).")]
-Images = Annotated[str, typer.Option("--images", "-i", help="A folder of images, 'sample' (bundled photographs) or "
-                                     "'noise'.")]
+Images = Annotated[str, typer.Option("--images", "-i", help="A folder of images, 'sample' (bundled photographs), "
+                                     "'synthetic' (independent dead-leaves images) or 'noise'.")]
 NumImages = Annotated[Optional[int], typer.Option(
     "--num-images", "-n", help=f"Images to average (default {runs.QUICK_SETTINGS['num_images']}; "
     f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} with --full-protocol).", show_default=False)]

@@ -174,7 +174,8 @@ def measure_erf(
     model: an ``nn.Module`` (used as is, put in eval mode for the call) or a model name for timm /
         erf-tools' registry (built with ``weights``: ``"random"`` (default), ``"active"``, a checkpoint path, or
         ``"timm"`` / ``"timm:<tag>"`` for pretrained weights).
-    images: an N×3×H×W tensor of preprocessed inputs, a folder, ``"sample"`` (bundled photographs) or ``"noise"``.
+    images: an N×3×H×W tensor of preprocessed inputs, a folder, ``"sample"`` (bundled photographs),
+        ``"synthetic"`` (independent dead-leaves images, :mod:`erf_tools.synthetic_images`) or ``"noise"``.
     targets: None (the family's documented ERF layer), a module name, ``"stage:N"``, a module, or a list of them;
         all targets come from one forward pass.
     protocol: ``"replknet"``, ``"kim2023"`` or ``"luo2016"``; ``**options`` override single choices

@@ -136,6 +136,7 @@ class LazyPreprocess:
     def __init__(self, preprocess: Preprocessing) -> None:
         self.preprocess = preprocess
         self.size = preprocess.size
+        self.native_size = preprocess.native_size
 
     def __call__(self, image) -> Callable[[], torch.Tensor]:
         preprocess = self.preprocess
