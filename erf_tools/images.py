@@ -47,6 +47,19 @@ class ImageSourceError(ValueError):
     """An image source is missing, empty, or yields no usable image."""
 
 
+def source_id_of(kind: str, image_id: str) -> str:
+    """The independent source image of an image id of a source of this ``kind`` (``ImageSource.kind``, or
+    ``"tensor"``): crops and flips of a bundled photograph share the photograph's id, every other image is its own."""
+    if kind == "sample" and image_id.startswith("skimage:"):
+        return image_id.split("#", 1)[0]
+    return image_id
+
+
+def count_independent(kind: str, image_ids) -> int:
+    """How many independent source images the image ids of a source of this ``kind`` come from."""
+    return len({source_id_of(kind, image_id) for image_id in image_ids})
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a decoded image becomes a network input; recorded in every result.
@@ -222,13 +235,11 @@ class ImageSource:
 
     def source_id_of(self, image_id: str) -> str:
         """The source id of an image id of this source (what the engine records in ``ERFResult.image_ids``)."""
-        if self.kind == "sample" and image_id.startswith("skimage:"):
-            return image_id.split("#", 1)[0]
-        return image_id
+        return source_id_of(self.kind, image_id)
 
     def count_independent(self, image_ids) -> int:
         """How many independent source images the given image ids come from (e.g. a result's ``image_ids``)."""
-        return len({self.source_id_of(image_id) for image_id in image_ids})
+        return count_independent(self.kind, image_ids)
 
     def num_independent(self, n: int | None = None) -> int:
         """How many independent source images the first ``n`` images (default: all) come from."""

@@ -81,6 +81,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for results in ranks:
         for result, expected in zip(results, reference):
             assert np.array_equal(result.map, expected.map)
+            assert np.array_equal(result.map_standard_error, expected.map_standard_error)
             assert np.array_equal(result.per_image_maps, expected.per_image_maps)
             assert result.image_ids == expected.image_ids == [f"tensor[{i}]" for i in (0, 1, 2, 3, 5, 6)]
             assert result.rejected_images == expected.rejected_images == ["tensor[4]"]

@@ -54,6 +54,7 @@ class Stop(Exception):
 
 def _assert_identical(resumed, reference) -> None:
     assert np.array_equal(resumed.map, reference.map)
+    assert np.array_equal(resumed.map_standard_error, reference.map_standard_error)
     assert np.array_equal(resumed.per_image_maps, reference.per_image_maps)
     assert resumed.image_ids == reference.image_ids
     assert resumed.num_images == reference.num_images == 10
@@ -182,6 +183,7 @@ def test_accumulator_state_round_trip_is_exact():
     restored = ERFAccumulator((3, 4), keep_per_image=True)
     restored.load_state({k: np.asarray(v) for k, v in accumulator.state().items()})
     assert np.array_equal(restored.total, accumulator.total)
+    assert np.array_equal(restored.squares.value(), accumulator.squares.value())
     assert restored.rejected == ["c"] and restored.rejected_positions == [2] and restored.positions == [0, 1, 3]
     assert restored.count == 3 and restored.processed == 4
 

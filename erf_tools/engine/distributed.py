@@ -61,20 +61,27 @@ def _all_gather(value: Any, group) -> list[Any]:
     return gathered
 
 
-def _reduce_accumulator(accumulator: ERFAccumulator, rank: int, world: int, group) -> ERFAccumulator:
-    """The accumulator of the whole run, identical on every rank."""
+def _all_reduce_sum(sums: ExactSum, group) -> ExactSum:
+    """The exact sum over every rank of one :class:`ExactSum` (bucket by bucket: exact, integer-valued buckets)."""
     device = _collective_device(group)
-    indices = sorted(set().union(*_all_gather(accumulator.sums.bucket_indices(), group)))
-    shape = accumulator.shape
-    stacked = torch.zeros((len(indices), *shape), dtype=torch.float64, device=device)
+    indices = sorted(set().union(*_all_gather(sums.bucket_indices(), group)))
+    stacked = torch.zeros((len(indices), *sums.shape), dtype=torch.float64, device=device)
     for row, index in enumerate(indices):
-        bucket = accumulator.sums.bucket(index)
+        bucket = sums.bucket(index)
         if bucket is not None:
             stacked[row] = bucket.to(device)
     if indices:
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)  # exact: integer-valued buckets
-    sums = ExactSum.from_buckets(shape, {index: stacked[row].cpu() for row, index in enumerate(indices)},
-                                 sum(_all_gather(accumulator.sums.additions, group)))
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    return ExactSum.from_buckets(sums.shape, {index: stacked[row].cpu() for row, index in enumerate(indices)},
+                                 sum(_all_gather(sums.additions, group)), sums.grid)
+
+
+def _reduce_accumulator(accumulator: ERFAccumulator, rank: int, world: int, group) -> ERFAccumulator:
+    """The accumulator of the whole run, identical on every rank."""
+    shape = accumulator.shape
+    sums = _all_reduce_sum(accumulator.sums, group)
+    every_rank_has_squares = all(_all_gather(accumulator.squares is not None, group))
+    squares = _all_reduce_sum(accumulator.squares, group) if every_rank_has_squares else None
 
     local = {
         "positions": accumulator.positions, "image_ids": accumulator.image_ids,
@@ -83,7 +90,7 @@ def _reduce_accumulator(accumulator: ERFAccumulator, rank: int, world: int, grou
     }
     shards = _all_gather(local, group)
     merged = ERFAccumulator(shape, accumulator.per_image_downsample, accumulator.keep_per_image)
-    merged.sums = sums
+    merged.sums, merged.squares = sums, squares
     # rank r's k-th image is image k·w + r of the run (measure_erf's shard rule)
     valid = sorted((position * world + r, r, i) for r, shard in enumerate(shards)
                    for i, position in enumerate(shard["positions"]))

@@ -29,7 +29,7 @@ from erf_tools.engine.fastpaths import exact_fast_paths, prepare_model
 from erf_tools.engine.memory import auto_batch_size, available_memory
 from erf_tools.engine.partial import fingerprint, load_partial, save_partial
 from erf_tools.engine.scheduling import Prefetcher, batches, compute_batches, input_stream
-from erf_tools.images import ImageSource, Preprocessing, warn_preprocessing_mismatch
+from erf_tools.images import ImageSource, Preprocessing, count_independent, warn_preprocessing_mismatch
 from erf_tools.protocols import ERFOptions, resolve_options
 from erf_tools.results import ERFResult
 from erf_tools.targets import Target, resolve_targets
@@ -375,8 +375,11 @@ def build_result(accumulator: ERFAccumulator, geometry: TargetGeometry, model_na
             "bias 0 is always 0; use trained or weights='active' weights, or channel_reduction='sum')",
             stacklevel=3,
         )
+    independent = count_independent(source_description.get("kind", "tensor"), accumulator.image_ids)
     return ERFResult(
         map=accumulator.finalize(opts),
+        map_standard_error=accumulator.standard_error(opts, independent),
+        num_independent_images=independent,
         per_image_maps=accumulator.per_image_array(),
         per_image_downsample=accumulator.per_image_downsample,
         num_images=accumulator.count,
