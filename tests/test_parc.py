@@ -177,17 +177,21 @@ def test_reference_forward(reference, path: str) -> None:
     assert_close_to_ref(logits, tensors["logits"], tolerance["logits"])
 
 
-def test_spatial_path_reproduces_official_parc_resnet_bit_for_bit() -> None:
+def test_spatial_path_reproduces_official_parc_resnet() -> None:
     """At 224 the meta kernels are used as stored, so the wrap-and-convolve path is the official arithmetic.
 
     (ParC-ConvNeXt is only float-close: timm's LayerNorm2d rounds differently from the official hand-written LN.)
+    Bit for bit on the CPU the fixture was made on (an AMD EPYC); another CPU's oneDNN picks other convolution
+    algorithms (Sapphire Rapids: 41 % of the elements differ, by at most 6.2e-6 on values of order 1), so the
+    comparison is at float32 tolerance.
     """
     tag = "refs/parc_resnet50_small"
     meta, tensors = load_meta(tag), load_tensors(tag)
     model = ParCResNet(**meta["constructor_kwargs"], parc_path="spatial").eval()
     model.load_state_dict(state_dict_of(tensors), strict=True)
     with torch.no_grad():
-        assert torch.equal(model.forward_features(tensors["input"]), tensors["features"])
+        features = model.forward_features(tensors["input"])
+    torch.testing.assert_close(features, tensors["features"], rtol=1e-5, atol=2e-5)
 
 
 def test_reference_erf_target_is_the_features(reference) -> None:

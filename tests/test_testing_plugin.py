@@ -153,7 +153,7 @@ def test_tolerances_override_names_and_results(pytester: pytest.Pytester):
 def test_entry_point_names_the_plugin_module():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert data["project"]["entry-points"]["pytest11"] == {"erf_tools": "erf_tools.testing.pytest_plugin"}
-    assert "erf_tools.testing" in data["tool"]["setuptools"]["packages"]
+    assert data["tool"]["setuptools"]["packages"]["find"]["include"] == ["erf_tools*"]  # erf_tools.testing included
     import erf_tools.testing.pytest_plugin as plugin
 
     assert callable(plugin.pytest_addoption) and hasattr(plugin, "erf_regression")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from erf_tools.engine.objective import centre_objective, per_sample_maps
+from erf_tools.engine.objective import centre_objective, objective_is_blind, per_sample_maps
 from erf_tools.engine.windows import InputWindow, OperatorLog, plan_windows, same_gradient
 from erf_tools.layers.helpers import is_out_of_memory
 from erf_tools.receptive_field import LayerLog, path_geometry, unit_centre
@@ -74,6 +74,8 @@ class ERFEngine:
         #: objective scale under fp16 (see :meth:`_input_gradient`); 1 otherwise (bf16 has float32's range)
         self.grad_scale = 2.0 ** 12 if precision == "fp16" else 1.0
         self.geometry: dict[str, TargetGeometry] | None = None
+        #: targets whose objective is zero up to rounding on the first batch (their maps are rounding noise)
+        self.blind_targets: set[str] = set()
 
     def _autocast(self):
         """Autocast for reduced precision. float16 on CPUs also runs convolutions without oneDNN.
@@ -192,6 +194,8 @@ class ERFEngine:
             for index, target in enumerate(full_targets):
                 grid = grids[target.module_name]
                 objective = centre_objective(grid, self.geometry[target.module_name].unit, self.options)
+                if first and objective_is_blind(grid, self.geometry[target.module_name].unit, self.options):
+                    self.blind_targets.add(target.module_name)
                 if not objective.requires_grad:
                     raise RuntimeError(
                         f"target {target.name!r} does not depend on the input through differentiable operations"

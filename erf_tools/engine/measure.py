@@ -345,6 +345,9 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
         windowed = sorted({name for e in engines for name in e.crops})
         if windowed:
             engine_info["windowed_targets"] = windowed
+        blind = sorted({name for e in engines for name in e.blind_targets})
+        if blind:
+            engine_info["blind_targets"] = blind
         geometry = next((e.geometry for e in engines if e.geometry is not None), None)
         if geometry is None and done > 0:  # every image came from the checkpoint: probe the geometry once
             for _ids, batch in batches(stream_factory(0), 1):
@@ -368,9 +371,10 @@ def build_result(accumulator: ERFAccumulator, geometry: TargetGeometry, model_na
         )
     if accumulator.count == 0:
         warnings.warn(f"no valid image for target {geometry.target.name!r}: the map is all zeros", stacklevel=3)
-    elif not accumulator.total.any():
+    elif not accumulator.total.any() or geometry.target.module_name in (engine or {}).get("blind_targets", ()):
         warnings.warn(
-            f"the ERF of {geometry.target.name!r} is zero everywhere: the centre objective does not depend on the "
+            f"the ERF of {geometry.target.name!r} is zero everywhere (up to float rounding): the centre objective does "
+            "not depend on the "
             "input with these options and weights (e.g. the channel mean of a LayerNorm output whose weight is 1 and "
             "bias 0 is always 0; use trained or weights='active' weights, or channel_reduction='sum')",
             stacklevel=3,

@@ -10,7 +10,7 @@ import torch
 
 from erf_tools.protocols import ERFOptions
 
-__all__ = ["apply_sign", "centre_objective", "per_sample_maps"]
+__all__ = ["apply_sign", "centre_objective", "objective_is_blind", "per_sample_maps"]
 
 
 def centre_objective(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions) -> torch.Tensor:
@@ -22,6 +22,22 @@ def centre_objective(features: torch.Tensor, unit: tuple[int, int], options: ERF
         centre = torch.relu(centre)
     per_sample = centre.sum(dim=1) if options.channel_reduction == "sum" else centre.mean(dim=1)
     return per_sample.sum()
+
+
+def objective_is_blind(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions,
+                       relative: float = 1e-5) -> bool:
+    """Whether the objective is zero for every sample up to float rounding while the features are not (e.g. the
+    channel mean of a LayerNorm output with weight 1 and bias 0, identically 0 in exact arithmetic): its input
+    gradient is then rounding noise, not an ERF."""
+    with torch.no_grad():
+        centre = features[:, :, unit[0], unit[1]].float()
+        if options.channels is not None:
+            centre = centre[:, list(options.channels)]
+        if options.activation == "relu":
+            centre = torch.relu(centre)
+        per_sample = centre.sum(dim=1) if options.channel_reduction == "sum" else centre.mean(dim=1)
+        scale = float(centre.abs().mean()) if centre.numel() else 0.0
+        return scale > 0 and float(per_sample.abs().max()) <= relative * scale
 
 
 def apply_sign(gradient: torch.Tensor, rule: str) -> torch.Tensor:
