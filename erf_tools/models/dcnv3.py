@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erf_tools.models.dcnv3_fused import fused_dcnv3_core, use_fused_core
+
 __all__ = ["DCNv3", "dcnv3_core"]
 
 
@@ -90,6 +92,8 @@ def dcnv3_core(
         raise ValueError(f"offset must be (N, H, W, {group * points * 2}), got {tuple(offset.shape)}")
     if mask.shape != (n, h_out, w_out, group * points):
         raise ValueError(f"mask must be (N, H, W, {group * points}), got {tuple(mask.shape)}")
+    if use_fused_core(value, offset, mask):  # the fused CPU kernel (same function; dcnv3_fused.py)
+        return fused_dcnv3_core(value, offset, mask, group, kernel_size, stride, pad, dilation, offset_scale)
     group_channels = channels // group
     dtype, device = offset.dtype, offset.device
 

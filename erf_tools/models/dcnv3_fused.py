@@ -118,10 +118,21 @@ def _build() -> None:
         raise FileNotFoundError(f"missing kernel source {SOURCE.name}")
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-fopenmp"]
-    load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         is_python_module=False, verbose=False)
+    capability, isa_flags = _instruction_set()
+    load(name=f"{EXTENSION_NAME}_{capability}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _register_fake()
+
+
+def _instruction_set() -> tuple[str, list[str]]:
+    """The vector instruction set torch detected on this CPU and the compiler flags for it.
+
+    It is part of the extension's name, so that a cache directory shared by different machines never hands an
+    AVX-512 build to a CPU without AVX-512."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    flags = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
+             "avx2": ["-mavx2", "-mfma"]}
+    return (capability, flags[capability]) if capability in flags else ("default", [])
 
 
 def _register_fake() -> None:

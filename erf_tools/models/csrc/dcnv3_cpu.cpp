@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -99,15 +100,36 @@ inline Corners<T> corners_of(T x, T y, int64_t n, const Geometry& g) {
   return k;
 }
 
-// Sampling position of point p of output pixel (h, w); `off` points at the pixel's 2P offsets of the group.
+// Offsets of the kernel points in pixels before offset_scale, (dx, dy) per point in the official order, computed
+// once per call so that the per-sample work has no integer division.
 template <typename T>
-inline void position(const Geometry& g, int64_t h, int64_t w, int64_t p, const T* off, T& x, T& y) {
+std::vector<T> kernel_points(const Geometry& g) {
   const int64_t half = (g.kernel - 1) / 2;
-  const int64_t shift = g.dilation * half - g.pad;
-  const T dx = T((p / g.kernel - half) * g.dilation), dy = T((p % g.kernel - half) * g.dilation);
-  const T s = T(g.offset_scale);
-  x = T(w * g.stride + shift) + (dx + off[2 * p]) * s;
-  y = T(h * g.stride + shift) + (dy + off[2 * p + 1]) * s;
+  std::vector<T> points(2 * g.points);
+  for (int64_t p = 0; p < g.points; ++p) {
+    points[2 * p] = T((p / g.kernel - half) * g.dilation);
+    points[2 * p + 1] = T((p % g.kernel - half) * g.dilation);
+  }
+  return points;
+}
+
+// Sampling position of point p of the output pixel whose regular-grid centre is (cx, cy); `off` points at the
+// pixel's 2P offsets of the group.
+template <typename T>
+inline void position(const T* kernel, T s, T cx, T cy, int64_t p, const T* off, T& x, T& y) {
+  x = cx + (kernel[2 * p] + off[2 * p]) * s;
+  y = cy + (kernel[2 * p + 1] + off[2 * p + 1]) * s;
+}
+
+// Output pixel pix = (n*H + h)*W + w: its batch index and regular-grid centre.
+template <typename T>
+inline int64_t centre_of(const Geometry& g, int64_t pix, T& cx, T& cy) {
+  const int64_t shift = g.dilation * ((g.kernel - 1) / 2) - g.pad;
+  const int64_t row = pix / g.w_out, w = pix - row * g.w_out;
+  const int64_t n = row / g.h_out, h = row - n * g.h_out;
+  cx = T(w * g.stride + shift);
+  cy = T(h * g.stride + shift);
+  return n;
 }
 
 // Flat input-pixel index of corner c (0..3) of k.
@@ -116,14 +138,19 @@ inline int64_t corner_pixel(const Corners<T>& k, int c, const Geometry& g) {
   return (k.row0 + (c >> 1)) * g.w_in + k.x0 + (c & 1);
 }
 
-template <typename T>
+// CG > 0: the channels per group known at compile time (fully unrolled channel loops), 0: read from g.
+template <typename T, int CG>
 void forward_kernel(const T* value, const T* offset, const T* mask, T* out, const Geometry& g) {
-  const int64_t pixels = g.n * g.h_out * g.w_out, cg = g.group_channels, pts = g.points;
+  const int64_t pixels = g.n * g.h_out * g.w_out, cg = CG > 0 ? CG : g.group_channels, pts = g.points;
   std::vector<T> zeros(cg, T(0));
   const T* zero = zeros.data();
+  const std::vector<T> points = kernel_points<T>(g);
+  const T* kernel = points.data();
+  const T s = T(g.offset_scale);
   at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
     for (int64_t pix = begin; pix < end; ++pix) {
-      const int64_t n = pix / (g.h_out * g.w_out), h = (pix / g.w_out) % g.h_out, w = pix % g.w_out;
+      T cx, cy;
+      const int64_t n = centre_of(g, pix, cx, cy);
       for (int64_t grp = 0; grp < g.group; ++grp) {
         const T* off = offset + pix * g.group * pts * 2 + grp * pts * 2;
         const T* msk = mask + pix * g.group * pts + grp * pts;
@@ -131,7 +158,7 @@ void forward_kernel(const T* value, const T* offset, const T* mask, T* out, cons
         for (int64_t c = 0; c < cg; ++c) o[c] = T(0);
         for (int64_t p = 0; p < pts; ++p) {
           T x, y;
-          position(g, h, w, p, off, x, y);
+          position(kernel, s, cx, cy, p, off, x, y);
           const Corners<T> k = corners_of(x, y, n, g);
           if (!k.any) continue;
           const T m = msk[p];
@@ -154,13 +181,17 @@ void forward_kernel(const T* value, const T* offset, const T* mask, T* out, cons
 template <typename T>
 std::pair<int64_t, int64_t> touched_rows(const T* offset, const Geometry& g, int64_t begin, int64_t end) {
   int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  const std::vector<T> points = kernel_points<T>(g);
+  const T* kernel = points.data();
+  const T s = T(g.offset_scale);
   for (int64_t pix = begin; pix < end; ++pix) {
-    const int64_t n = pix / (g.h_out * g.w_out), h = (pix / g.w_out) % g.h_out, w = pix % g.w_out;
+    T cx, cy;
+    const int64_t n = centre_of(g, pix, cx, cy);
     for (int64_t grp = 0; grp < g.group; ++grp) {
       const T* off = offset + pix * g.group * g.points * 2 + grp * g.points * 2;
       for (int64_t p = 0; p < g.points; ++p) {
         T x, y;
-        position(g, h, w, p, off, x, y);
+        position(kernel, s, cx, cy, p, off, x, y);
         const Corners<T> k = corners_of(x, y, n, g);
         if (!k.any) continue;
         const int64_t top = (k.valid[0] || k.valid[1]) ? k.row0 : k.row0 + 1;
@@ -175,14 +206,17 @@ std::pair<int64_t, int64_t> touched_rows(const T* offset, const Geometry& g, int
 
 // Backward of output pixels [begin, end): mask and offset gradients written in place, value gradient added into
 // `grad_value`, which holds input rows [row_base, ...).
-template <typename T>
+template <typename T, int CG>
 void backward_chunk(const T* grad_out, const T* value, const T* offset, const T* mask, T* grad_value,
                     int64_t row_base, T* grad_offset, T* grad_mask, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t cg = g.group_channels, pts = g.points;
+  const int64_t cg = CG > 0 ? CG : g.group_channels, pts = g.points;
   std::vector<T> zeros(cg, T(0)), junk(4 * cg, T(0));
+  const std::vector<T> points = kernel_points<T>(g);
+  const T* kernel = points.data();
   const T s = T(g.offset_scale);
   for (int64_t pix = begin; pix < end; ++pix) {
-    const int64_t n = pix / (g.h_out * g.w_out), h = (pix / g.w_out) % g.h_out, w = pix % g.w_out;
+    T cx, cy;
+    const int64_t n = centre_of(g, pix, cx, cy);
     for (int64_t grp = 0; grp < g.group; ++grp) {
       const int64_t point0 = pix * g.group * pts + grp * pts;
       const T* off = offset + 2 * point0;
@@ -190,7 +224,7 @@ void backward_chunk(const T* grad_out, const T* value, const T* offset, const T*
       const T* __restrict__ go = grad_out + pix * g.channels + grp * cg;
       for (int64_t p = 0; p < pts; ++p) {
         T x, y;
-        position(g, h, w, p, off, x, y);
+        position(kernel, s, cx, cy, p, off, x, y);
         const Corners<T> k = corners_of(x, y, n, g);
         if (!k.any) {
           grad_mask[point0 + p] = T(0);
@@ -242,7 +276,7 @@ void backward_chunk(const T* grad_out, const T* value, const T* offset, const T*
   }
 }
 
-template <typename T>
+template <typename T, int CG>
 void backward_kernel(const T* grad_out, const T* value, const T* offset, const T* mask, T* grad_value,
                      T* grad_offset, T* grad_mask, const Geometry& g) {
   const int64_t pixels = g.n * g.h_out * g.w_out;
@@ -267,7 +301,7 @@ void backward_kernel(const T* grad_out, const T* value, const T* offset, const T
           base = rows[t].first;
         }
       }
-      backward_chunk(grad_out, value, offset, mask, target, base, grad_offset, grad_mask, g, bounds[t],
+      backward_chunk<T, CG>(grad_out, value, offset, mask, target, base, grad_offset, grad_mask, g, bounds[t],
                      bounds[t + 1]);
     }
   });
@@ -286,6 +320,17 @@ void backward_kernel(const T* grad_out, const T* value, const T* offset, const T
   });
 }
 
+// Calls body(std::integral_constant<int, CG>) with CG = the group width if it is a common one, else 0.
+template <typename Body>
+void dispatch_group_channels(int64_t group_channels, const Body& body) {
+  switch (group_channels) {
+    case 8: body(std::integral_constant<int, 8>{}); break;
+    case 16: body(std::integral_constant<int, 16>{}); break;
+    case 32: body(std::integral_constant<int, 32>{}); break;
+    default: body(std::integral_constant<int, 0>{});
+  }
+}
+
 at::Tensor dcnv3_forward(const at::Tensor& value_in, const at::Tensor& offset_in, const at::Tensor& mask_in,
                          int64_t group, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
                          double offset_scale) {
@@ -293,8 +338,10 @@ at::Tensor dcnv3_forward(const at::Tensor& value_in, const at::Tensor& offset_in
   const at::Tensor value = value_in.contiguous(), offset = offset_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor out = at::empty({g.n, g.h_out, g.w_out, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "dcnv3_forward", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), g);
+    dispatch_group_channels(g.group_channels, [&](auto width) {
+      forward_kernel<scalar_t, decltype(width)::value>(value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                                       mask.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+    });
   });
   return out;
 }
@@ -312,9 +359,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward(const at::Tensor& 
   at::Tensor grad_value = at::zeros_like(value);
   at::Tensor grad_offset = at::empty_like(offset), grad_mask = at::empty_like(mask);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "dcnv3_backward", [&] {
-    backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                              mask.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
-                              grad_offset.data_ptr<scalar_t>(), grad_mask.data_ptr<scalar_t>(), g);
+    dispatch_group_channels(g.group_channels, [&](auto width) {
+      backward_kernel<scalar_t, decltype(width)::value>(
+          grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+          mask.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
+          grad_mask.data_ptr<scalar_t>(), g);
+    });
   });
   return {grad_value, grad_offset, grad_mask};
 }
