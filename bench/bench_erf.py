@@ -7,6 +7,7 @@
     bench/.venv-openerf/bin/python bench/bench_erf.py backward-split # 4. its floor: forward and per-target backwards
     bench/.venv-openerf/bin/python bench/bench_erf.py memory         # 5. peak memory per image, auto batch size
     bench/.venv-openerf/bin/python bench/bench_erf.py profile        # where the time goes (torch.profiler)
+    bench/.venv-openerf/bin/python bench/bench_erf.py dcnv3-core     # issue 18: fused vs grid_sample DCNv3 core
 
 All of them run in the benchmark environment (``bench/.venv-openerf``: the project plus ``openerf==0.6.1``, never a
 dependency of erf-tools); only ``openerf`` needs it. ``--write`` puts the section into ``bench/RESULTS.md``
@@ -647,8 +648,123 @@ def cmd_profile(args) -> str:
     return "\n".join(sections)
 
 
+# --- issue 18: the fused DCNv3 CPU core -------------------------------------------------------------------------------
+
+#: UniConvNet-T: (channels, blocks) per stage; maps at size/4, /8, /16, /32; 16 channels per DCN group.
+UNICONVNET_T_STAGES = ((64, 3), (128, 3), (256, 15), (512, 3))
+
+
+def dcnv3_core_inputs(channels: int, side: int, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Random (value, offset, mask) of one UniConvNet-T DCN core at a ``side``² map: offsets of about a pixel and
+    a raw mask of about 0.3, as under the all-branches-active init."""
+    group = channels // 16
+    g = torch.Generator().manual_seed(seed)
+    value = torch.randn(1, side, side, channels, generator=g)
+    offset = torch.randn(1, side, side, group * 18, generator=g)
+    mask = torch.randn(1, side, side, group * 9, generator=g) * 0.3
+    return (value, offset, mask), group
+
+
+def dcnv3_core_pass(backend: str, inputs, group: int) -> dict:
+    """Forward and backward (value, offset and mask gradients) of ``dcnv3_core`` with ``backend``; wall and CPU s."""
+    from erf_tools.models.dcnv3 import dcnv3_core
+    from erf_tools.models.dcnv3_fused import core_backend
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cotangent = torch.randn(inputs[0].shape[:3] + (inputs[0].shape[3],), generator=torch.Generator().manual_seed(1))
+    with core_backend(backend):
+        cpu, start = time.process_time(), time.perf_counter()
+        out = dcnv3_core(*leaves, group)
+        middle = time.perf_counter()
+        grads = torch.autograd.grad(out, leaves, cotangent)
+        end, cpu = time.perf_counter(), time.process_time() - cpu
+    return {"forward": middle - start, "backward": end - middle, "total": end - start, "cpu": cpu,
+            "out": out.detach(), "grads": grads}
+
+
+def float32_accuracy(result: dict, truth: dict) -> tuple[float, int]:
+    """(max relative error of the output and the value/mask gradients, offset-gradient elements off by > 1e-3)."""
+    def rel(a, b):
+        return (a.double() - b).abs() / b.abs().max()
+
+    smooth = [(result["out"], truth["out"]), (result["grads"][0], truth["grads"][0]),
+              (result["grads"][2], truth["grads"][2])]
+    flips = int((rel(result["grads"][1], truth["grads"][1]) > 1e-3).sum())
+    return max(rel(a, b).max().item() for a, b in smooth), flips
+
+
+def cmd_dcnv3_core(args) -> str:
+    """Old (grid_sample) vs fused DCNv3 core at UniConvNet-T's four stage shapes, interleaved rounds."""
+    from erf_tools.models.dcnv3_fused import fused_core_available
+
+    if not fused_core_available():
+        raise SystemExit("dcnv3-core: the fused extension cannot be built here")
+    backends = {"grid_sample (old)": "reference", "fused C++": "fused"}
+    lines = [
+        "## Fused DCNv3 core vs the grid_sample core: UniConvNet-T stage shapes (issue 18, item 1)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        f"`dcnv3_core` forward and backward (gradients of value, offset and mask for a random cotangent) on random "
+        f"float32 inputs of the shape each stage of UniConvNet-T has at {args.size}×{args.size} input (batch 1, 16 "
+        "channels per group, offsets ~1 px, mask ~0.3), both paths in the same process. Each round runs both paths "
+        f"once per stage in a rotated order; medians of {args.rounds} rounds (after one warm-up round), ratios "
+        "within rounds. *Per pass* sums stage × blocks (3, 3, 15, 3): the core time of one UniConvNet-T forward + "
+        "backward. Accuracy of each float32 path against the float64 core on the same inputs: *max rel err* = max "
+        "|error| / max |float64| over the output and the value and mask gradients; *∂offset flips* = offset-gradient "
+        "elements off by more than 1e-3 of the maximum: samples within float32 rounding (~1e-5 px) of a pixel "
+        "boundary, where the bilinear derivative jumps and either path may land in the neighbouring cell.",
+        "",
+        "| stage | map (C×H×W) | blocks | path | forward s | backward s | total s | CPU s | speed-up (total, wall) "
+        "| (CPU) | max rel err | ∂offset flips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_pass = {name: [] for name in backends}
+    per_pass_cpu = {name: [] for name in backends}
+    for index, (channels, blocks) in enumerate(UNICONVNET_T_STAGES):
+        side = args.size // 2 ** (index + 2)
+        inputs, group = dcnv3_core_inputs(channels, side, seed=index)
+        names = list(backends)
+        for name in names:  # warm-up (and the one build)
+            dcnv3_core_pass(backends[name], inputs, group)
+        times = {name: [] for name in names}
+        last = {}
+        for r in range(args.rounds):
+            for name in names[r % 2:] + names[:r % 2]:
+                result = dcnv3_core_pass(backends[name], inputs, group)
+                last[name] = result
+                times[name].append(result)
+            print(f"  stage {index} round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {times[n][-1]['total']:.3f} s" for n in names) + f" (load {os.getloadavg()[0]:.1f})")
+        truth = dcnv3_core_pass("fused", [t.double() for t in inputs], group)  # = the float64 reference to 1e-14
+        accuracy = {name: float32_accuracy(last[name], truth) for name in names}
+        for name in names:
+            med = {k: statistics.median(t[k] for t in times[name]) for k in ("forward", "backward", "total", "cpu")}
+            ratio = statistics.median(o["total"] / t["total"] for o, t in zip(times[names[0]], times[name]))
+            cpu_ratio = statistics.median(o["cpu"] / t["cpu"] for o, t in zip(times[names[0]], times[name]))
+            per_pass[name].append([t["total"] * blocks for t in times[name]])
+            per_pass_cpu[name].append([t["cpu"] * blocks for t in times[name]])
+            lines.append(f"| {index} | {channels}×{side}×{side} | {blocks} | {name} | {med['forward']:.4f} | "
+                         f"{med['backward']:.4f} | {med['total']:.4f} | {med['cpu']:.4f} | "
+                         f"{'**' + format(ratio, '.2f') + '×**' if name != names[0] else '1.00×'} | "
+                         f"{cpu_ratio:.2f}× | {accuracy[name][0]:.1e} | {accuracy[name][1]} |")
+    totals = {name: [sum(stage[r] for stage in per_pass[name]) for r in range(args.rounds)] for name in backends}
+    totals_cpu = {name: [sum(stage[r] for stage in per_pass_cpu[name]) for r in range(args.rounds)]
+                  for name in backends}
+    old_name, new_name = list(backends)
+    ratio = statistics.median(o / n for o, n in zip(totals[old_name], totals[new_name]))
+    cpu_ratio = statistics.median(o / n for o, n in zip(totals_cpu[old_name], totals_cpu[new_name]))
+    lines += ["", "| per UniConvNet-T pass (24 blocks) | old total s | fused total s | speed-up (wall) | (CPU) |",
+              "|---|---|---|---|---|",
+              f"| core, forward + backward | {statistics.median(totals[old_name]):.3f} | "
+              f"{statistics.median(totals[new_name]):.3f} | **{ratio:.2f}×** | {cpu_ratio:.2f}× |"]
+    return "\n".join(lines)
+
+
 COMMANDS = {"openerf": cmd_openerf, "replknet-loop": cmd_replknet_loop, "overhead": cmd_overhead,
-            "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile}
+            "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile,
+            "dcnv3-core": cmd_dcnv3_core}
 
 
 def main(argv=None) -> None:
