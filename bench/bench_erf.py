@@ -8,6 +8,7 @@
     bench/.venv-openerf/bin/python bench/bench_erf.py memory         # 5. peak memory per image, auto batch size
     bench/.venv-openerf/bin/python bench/bench_erf.py profile        # where the time goes (torch.profiler)
     bench/.venv-openerf/bin/python bench/bench_erf.py dcnv3-core     # issue 18: fused vs grid_sample DCNv3 core
+    bench/gpu_check.sh                                               # issue 18: one short run on a CUDA machine
 
 All of them run in the benchmark environment (``bench/.venv-openerf``: the project plus ``openerf==0.6.1``, never a
 dependency of erf-tools); only ``openerf`` needs it. ``--write`` puts the section into ``bench/RESULTS.md``
@@ -762,9 +763,192 @@ def cmd_dcnv3_core(args) -> str:
     return "\n".join(lines)
 
 
+# --- issue 18: one short run on a CUDA machine -----------------------------------------------------------------------
+
+#: Dense peak TFLOP/s (fp32 on CUDA cores, TF32 and bf16 on tensor cores) by device-name fragment, from the vendor
+#: data sheets (SXM parts); the fraction of peak is reported only for the devices listed.
+GPU_PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+                   "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+                   "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
+
+
+def preprocessed_images(count: int, size: int) -> torch.Tensor:
+    """The bundled sample photographs (and seeded crops) as RepLKNet-protocol tensors, decoded once, so that the
+    timed runs measure the device and not PNG decoding: bicubic resize to ``size``², ImageNet mean/std."""
+    from PIL import Image
+    from torchvision import transforms
+
+    folder = sample_folder(count, f"images{count}")
+    transform = transforms.Compose([
+        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    tensors = []
+    for path in sorted(folder.glob("*.png"))[:count]:
+        with Image.open(path) as image:
+            tensors.append(transform(image.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_run(fn: Callable[[], object], device: str) -> tuple[float, float, object]:
+    """(wall seconds, peak device memory in GiB (nan off CUDA), value) of ``fn`` on ``device``."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = fn()
+    _synchronize(device)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return wall, peak, value
+
+
+def pass_flops(model: torch.nn.Module, size: int, device: str) -> float:
+    """FLOPs of one forward + input-gradient pass of one image (torch's FlopCounterMode: convolutions and matrix
+    products; grid_sample and elementwise work are not counted, so the fraction of peak is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, size, size, device=device, requires_grad=True)
+    with _frozen_eval(model), FlopCounterMode(display=False) as counter:
+        features = model.forward_features(x)
+        torch.autograd.grad(features.float().square().sum(), x)
+    return float(counter.get_total_flops())
+
+
+def gpu_equality_checks(device: str, size: int) -> list[str]:
+    """Small cases: the DCNv3 core (float64, value/offset/mask gradients) and measure_erf of the three models
+    (2 images, fp32 without TF32) on CPU vs ``device``."""
+    from erf_tools.models.dcnv3 import dcnv3_core
+
+    rows = ["| check | max \\|device − CPU\\| / max | Pearson |", "|---|---|---|"]
+    inputs, group = dcnv3_core_inputs(64, 24, seed=5)
+    inputs = [t.double() for t in inputs]
+    cpu = dcnv3_core_pass("auto", inputs, group)  # the fused kernel on CPU
+    dev = dcnv3_core_pass("auto", [t.to(device) for t in inputs], group)  # grid_sample (or a device kernel)
+    for name, a, b in zip(("output", "∂value", "∂offset", "∂mask"), (dev["out"], *dev["grads"]),
+                          (cpu["out"], *cpu["grads"])):
+        a = a.cpu()
+        rows.append(f"| DCNv3 core float64, {name} | {(a - b).abs().max().item() / b.abs().max().item():.1e} | "
+                    f"{pearson(a.numpy(), b.numpy()):.10f} |")
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name in ("resnet50", "replknet_31b", "uniconvnet_t"):
+        model = active_model(name)
+        maps = []
+        for where in ("cpu", device):
+            maps.append(measure_erf(model.to(where), images, batch_size=2, device=where).map)
+        rel = np.abs(maps[1] - maps[0]).max() / maps[0].max()
+        rows.append(f"| measure_erf {name} @{size}, 2 images, fp32 | {rel:.1e} | {pearson(maps[1], maps[0]):.8f} |")
+        del model
+    return rows
+
+
+def cmd_gpu(args) -> dict[str, str]:
+    """GPU equals CPU on small cases; UniConvNet-T and RepLKNet-31B at ``--size`` × ``--gpu-images`` in fp32 /
+    tf32 / bf16; ResNet-50 @224 vs OpenERF when installed. Skips (no section, exit 0) without CUDA."""
+    device = args.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu: skipped: no CUDA device (torch.cuda.is_available() is False); nothing measured or written")
+        return {}
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    peaks = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    # fp32 means fp32: no TF32 in cuDNN convolutions (PyTorch's default) nor in matmuls; the tf32 rows allow both.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    lines = [
+        "## GPU: equality with the CPU and throughput (issue 18, item 5)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Device: {name}; torch {torch.__version__}, timm {timm.__version__}; host: {machine()}",
+        "",
+        f"### GPU equals CPU (small cases, {args.check_size} px)",
+        "",
+        *gpu_equality_checks(device, args.check_size),
+        "",
+        f"### Throughput at {args.size} px, {args.gpu_images} images (sample photographs, decoded beforehand)",
+        "",
+        f"`measure_erf(model, images, device={device!r}, batch_size={args.gpu_batch}, <exact fast paths>)`, "
+        "RepLKNet protocol, after a warm-up call on 2 images (cuDNN autotuning). fp32: TF32 off; tf32: TF32 on in "
+        "convolutions and matmuls (PyTorch's default for cuDNN); bf16: autocast. Peak = "
+        "`torch.cuda.max_memory_allocated`. TFLOP counted by FlopCounterMode (convolutions and matmuls only, "
+        "so the fraction of peak is a lower bound). DCNv3 on the GPU: the grid_sample core (the fused kernel is "
+        "CPU-only).",
+        "",
+        "| model | precision | batch | wall s | images/s | peak GiB | TFLOP/s (counted) | % of peak | Pearson to fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    images = preprocessed_images(args.gpu_images, args.size)
+    for model_name in args.models or ("uniconvnet_t", "replknet_31b"):
+        model = active_model(model_name).to(device)
+        fast = FAST_PATHS.get(model_name, {})
+        flops = pass_flops(model, args.size, device)
+        reference = None
+        for precision in ("fp32", "tf32", "bf16"):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            amp = "bf16" if precision == "bf16" else "fp32"
+
+            def run(count):
+                return measure_erf(model, images[:count], device=device, batch_size=args.gpu_batch,
+                                   precision=amp, keep_per_image=False, **fast)
+
+            device_run(lambda: run(min(2, args.gpu_images)), device)  # warm-up
+            wall, peak, result = device_run(lambda: run(args.gpu_images), device)
+            reference = result.map if precision == "fp32" else reference
+            achieved = flops * args.gpu_images / wall / 1e12
+            share = f"{100 * achieved / peaks[precision]:.1f} %" if peaks else "–"
+            lines.append(f"| {model_name} | {precision} | {args.gpu_batch} | {wall:.2f} | {args.gpu_images / wall:.2f} | "
+                         f"{peak:.2f} | {achieved:.1f} | {share} | {pearson(result.map, reference):.6f} |")
+            print(lines[-1], flush=True)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        lines.append(f"| {model_name}: {flops / 1e12:.3f} TFLOP counted per image (forward + input gradient) "
+                     "| | | | | | | | |")
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    lines += ["", *gpu_openerf_rows(device)]
+    lines += ["", f"Whole run: {time.perf_counter() - started:.0f} s."]
+    return {"gpu": "\n".join(lines)}
+
+
+def gpu_openerf_rows(device: str) -> list[str]:
+    """ResNet-50 @224, Kim protocol, 32 sample images: OpenERF (batch 1) vs measure_erf, on ``device``."""
+    try:
+        import openerf
+    except ImportError:
+        return ["ResNet-50 @224 vs OpenERF: skipped (openerf is not installed in this environment)."]
+    folder = sample_folder(32, "images32")
+    model = active_model("resnet50").to(device)
+    fast = FAST_PATHS["resnet50"]
+    configs = {
+        "OpenERF (batch 1)": lambda: openerf.compute_erf(
+            model, model_name="resnet50", image_dir=folder, max_images=32, target_layer="layer4", device=device,
+            show_progress=False),
+        "erf-tools fp32, batch 32": lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4",
+                                                        batch_size=32, device=device, **fast),
+        "erf-tools bf16, batch 32": lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4",
+                                                        batch_size=32, device=device, precision="bf16", **fast),
+    }
+    rows = ["ResNet-50 @224, Kim et al. protocol, 32 sample images (decoding included), after one warm-up call:",
+            "", "| configuration | wall s | images/s | × OpenERF |", "|---|---|---|---|"]
+    walls = {}
+    for label, fn in configs.items():
+        device_run(fn, device)
+        walls[label], _, _ = device_run(fn, device)
+    base = walls["OpenERF (batch 1)"]
+    rows += [f"| {label} | {wall:.2f} | {32 / wall:.1f} | {base / wall:.2f}× |" for label, wall in walls.items()]
+    return rows
+
+
 COMMANDS = {"openerf": cmd_openerf, "replknet-loop": cmd_replknet_loop, "overhead": cmd_overhead,
             "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile,
-            "dcnv3-core": cmd_dcnv3_core}
+            "dcnv3-core": cmd_dcnv3_core, "gpu": cmd_gpu}
 
 
 def main(argv=None) -> None:
@@ -782,6 +966,10 @@ def main(argv=None) -> None:
     parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
     parser.add_argument("--bf16", action="store_true", help="replknet-loop: also run bf16 autocast")
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    parser.add_argument("--device", default=None, help="gpu: the device (default cuda; cpu for a dry run)")
+    parser.add_argument("--gpu-images", type=int, default=50, help="gpu: images per throughput run")
+    parser.add_argument("--gpu-batch", type=int, default=8, help="gpu: batch size of the throughput runs")
+    parser.add_argument("--check-size", type=int, default=128, help="gpu: input size of the CPU-vs-GPU checks")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.images is None:
