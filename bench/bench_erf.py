@@ -322,7 +322,8 @@ def cmd_replknet_loop(args) -> dict[str, str]:
     out = {}
     for name in args.models:
         sections = [
-            f"## erf-tools vs the published RepLKNet ERF loop: {name} @1024 (issue 8, benchmark 2)",
+            f"## erf-tools vs the published RepLKNet ERF loop: {name} @1024 (issue 8, benchmark 2"
+            f"{'; ' + args.tag.strip('-') if args.tag else ''})",
             "",
             f"Command: `{command_line()}`  ",
             f"Machine: {machine()}",
@@ -331,15 +332,25 @@ def cmd_replknet_loop(args) -> dict[str, str]:
             "the loop of RepLKNet-pytorch `erf/visualize_erf.py` re-implemented from the protocol (batch 1, NCHW, "
             "training-time structure, trainable parameters, torchvision transforms). erf-tools: `measure_erf` with "
             "the listed exact fast paths (float32 throughout; maps equal to float rounding). Medians of "
-            f"{args.rounds} rounds; ratios within rounds.",
+            f"{args.rounds} rounds; ratios within rounds."
+            + (" DCNv3 core: grid_sample in the published loop (the official op has no CPU kernel), the default "
+               "(fused C++ kernel on CPU) in erf-tools." if name.startswith("uniconvnet") else ""),
         ]
         model = active_model(name)
         features = _forward_features if name.startswith("replknet") else _stage4
         fast = FAST_PATHS.get(name, dict(channels_last=True))
         label = f"erf-tools, batch {args.batch_size}, " + ", ".join(
             f"{k}={v}" if not isinstance(v, bool) else k for k, v in fast.items())
+        def published():
+            # UniConvNet's official DCNv3 has no CPU kernel; the baseline stands in with the grid_sample core, as
+            # before the fused kernel existed (erf-tools runs the default: fused on CPU)
+            from erf_tools.models.dcnv3_fused import core_backend
+
+            with core_backend("reference"):
+                return published_loop(model, folder, args.images, features)
+
         configs = {
-            "published loop": lambda: published_loop(model, folder, args.images, features),
+            "published loop": published,
             label: lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
                                        batch_size=args.batch_size, **fast),
         }
@@ -362,7 +373,7 @@ def cmd_replknet_loop(args) -> dict[str, str]:
         if args.check64:
             sections.append(float64_check(model, features, fast, args.check64))
         del model
-        out[f"replknet-loop-{name}"] = "\n".join(sections)
+        out[f"replknet-loop-{name}{args.tag}"] = "\n".join(sections)
     return out
 
 
@@ -966,6 +977,7 @@ def main(argv=None) -> None:
     parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
     parser.add_argument("--bf16", action="store_true", help="replknet-loop: also run bf16 autocast")
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    parser.add_argument("--tag", default="", help="replknet-loop: suffix of the RESULTS.md section name")
     parser.add_argument("--device", default=None, help="gpu: the device (default cuda; cpu for a dry run)")
     parser.add_argument("--gpu-images", type=int, default=50, help="gpu: images per throughput run")
     parser.add_argument("--gpu-batch", type=int, default=8, help="gpu: batch size of the throughput runs")
