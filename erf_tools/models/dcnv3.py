@@ -5,7 +5,8 @@ changes: the depthwise 3x3 conv that predicts offsets and masks has no LayerNorm
 modulation mask is used raw (no softmax over the points of a group). The official repository only ships a CUDA op
 (its CPU kernel is a stub), so the ERF of a UniConvNet cannot be measured on a CPU with it. This module implements the
 same function with ``F.grid_sample``: vectorised, differentiable with respect to the input, the offsets and the mask,
-and equal on CPU and CUDA.
+and equal on CPU and CUDA. On CPU, float32/float64 calls run a fused C++ kernel of the same function instead
+(:mod:`erf_tools.models.dcnv3_fused`, built on first use; this ``grid_sample`` path is its reference and fallback).
 
 The sampling rule, for output pixel (h, w), group g, channel c of the group and kernel point p (see
 ``/work/shared/specs/uniconvnet.md`` section 5)::
