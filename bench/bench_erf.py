@@ -683,7 +683,8 @@ def dcnv3_core_pass(backend: str, inputs, group: int) -> dict:
     from erf_tools.models.dcnv3_fused import core_backend
 
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    cotangent = torch.randn(inputs[0].shape[:3] + (inputs[0].shape[3],), generator=torch.Generator().manual_seed(1))
+    cotangent = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))  # same for every dtype
+    cotangent = cotangent.to(inputs[0].device, inputs[0].dtype)
     with core_backend(backend):
         cpu, start = time.process_time(), time.perf_counter()
         out = dcnv3_core(*leaves, group)
