@@ -7,6 +7,8 @@
     bench/.venv-openerf/bin/python bench/bench_erf.py backward-split # 4. its floor: forward and per-target backwards
     bench/.venv-openerf/bin/python bench/bench_erf.py memory         # 5. peak memory per image, auto batch size
     bench/.venv-openerf/bin/python bench/bench_erf.py profile        # where the time goes (torch.profiler)
+    bench/.venv-openerf/bin/python bench/bench_erf.py dcnv3-core     # issue 18: fused vs grid_sample DCNv3 core
+    bench/gpu_check.sh                                               # issue 18: one short run on a CUDA machine
 
 All of them run in the benchmark environment (``bench/.venv-openerf``: the project plus ``openerf==0.6.1``, never a
 dependency of erf-tools); only ``openerf`` needs it. ``--write`` puts the section into ``bench/RESULTS.md``
@@ -321,7 +323,8 @@ def cmd_replknet_loop(args) -> dict[str, str]:
     out = {}
     for name in args.models:
         sections = [
-            f"## erf-tools vs the published RepLKNet ERF loop: {name} @1024 (issue 8, benchmark 2)",
+            f"## erf-tools vs the published RepLKNet ERF loop: {name} @1024 (issue 8, benchmark 2"
+            f"{'; ' + args.tag.strip('-') if args.tag else ''})",
             "",
             f"Command: `{command_line()}`  ",
             f"Machine: {machine()}",
@@ -330,15 +333,25 @@ def cmd_replknet_loop(args) -> dict[str, str]:
             "the loop of RepLKNet-pytorch `erf/visualize_erf.py` re-implemented from the protocol (batch 1, NCHW, "
             "training-time structure, trainable parameters, torchvision transforms). erf-tools: `measure_erf` with "
             "the listed exact fast paths (float32 throughout; maps equal to float rounding). Medians of "
-            f"{args.rounds} rounds; ratios within rounds.",
+            f"{args.rounds} rounds; ratios within rounds."
+            + (" DCNv3 core: grid_sample in the published loop (the official op has no CPU kernel), the default "
+               "(fused C++ kernel on CPU) in erf-tools." if name.startswith("uniconvnet") else ""),
         ]
         model = active_model(name)
         features = _forward_features if name.startswith("replknet") else _stage4
         fast = FAST_PATHS.get(name, dict(channels_last=True))
         label = f"erf-tools, batch {args.batch_size}, " + ", ".join(
             f"{k}={v}" if not isinstance(v, bool) else k for k, v in fast.items())
+        def published():
+            # UniConvNet's official DCNv3 has no CPU kernel; the baseline stands in with the grid_sample core, as
+            # before the fused kernel existed (erf-tools runs the default: fused on CPU)
+            from erf_tools.layers.dcnv3_fused import core_backend
+
+            with core_backend("reference"):
+                return published_loop(model, folder, args.images, features)
+
         configs = {
-            "published loop": lambda: published_loop(model, folder, args.images, features),
+            "published loop": published,
             label: lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
                                        batch_size=args.batch_size, **fast),
         }
@@ -361,7 +374,7 @@ def cmd_replknet_loop(args) -> dict[str, str]:
         if args.check64:
             sections.append(float64_check(model, features, fast, args.check64))
         del model
-        out[f"replknet-loop-{name}"] = "\n".join(sections)
+        out[f"replknet-loop-{name}{args.tag}"] = "\n".join(sections)
     return out
 
 
@@ -648,8 +661,307 @@ def cmd_profile(args) -> str:
     return "\n".join(sections)
 
 
+# --- issue 18: the fused DCNv3 CPU core -------------------------------------------------------------------------------
+
+#: UniConvNet-T: (channels, blocks) per stage; maps at size/4, /8, /16, /32; 16 channels per DCN group.
+UNICONVNET_T_STAGES = ((64, 3), (128, 3), (256, 15), (512, 3))
+
+
+def dcnv3_core_inputs(channels: int, side: int, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Random (value, offset, mask) of one UniConvNet-T DCN core at a ``side``² map: offsets of about a pixel and
+    a raw mask of about 0.3, as under the all-branches-active init."""
+    group = channels // 16
+    g = torch.Generator().manual_seed(seed)
+    value = torch.randn(1, side, side, channels, generator=g)
+    offset = torch.randn(1, side, side, group * 18, generator=g)
+    mask = torch.randn(1, side, side, group * 9, generator=g) * 0.3
+    return (value, offset, mask), group
+
+
+def dcnv3_core_pass(backend: str, inputs, group: int) -> dict:
+    """Forward and backward (value, offset and mask gradients) of ``dcnv3_core`` with ``backend``; wall and CPU s."""
+    from erf_tools.layers.dcnv3 import dcnv3_core
+    from erf_tools.layers.dcnv3_fused import core_backend
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cotangent = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))  # same for every dtype
+    cotangent = cotangent.to(inputs[0].device, inputs[0].dtype)
+    with core_backend(backend):
+        cpu, start = time.process_time(), time.perf_counter()
+        out = dcnv3_core(*leaves, group)
+        middle = time.perf_counter()
+        grads = torch.autograd.grad(out, leaves, cotangent)
+        end, cpu = time.perf_counter(), time.process_time() - cpu
+    return {"forward": middle - start, "backward": end - middle, "total": end - start, "cpu": cpu,
+            "out": out.detach(), "grads": grads}
+
+
+def float32_accuracy(result: dict, truth: dict) -> tuple[float, int]:
+    """(max relative error of the output and the value/mask gradients, offset-gradient elements off by > 1e-3)."""
+    def rel(a, b):
+        return (a.double() - b).abs() / b.abs().max()
+
+    smooth = [(result["out"], truth["out"]), (result["grads"][0], truth["grads"][0]),
+              (result["grads"][2], truth["grads"][2])]
+    flips = int((rel(result["grads"][1], truth["grads"][1]) > 1e-3).sum())
+    return max(rel(a, b).max().item() for a, b in smooth), flips
+
+
+def cmd_dcnv3_core(args) -> str:
+    """Old (grid_sample) vs fused DCNv3 core at UniConvNet-T's four stage shapes, interleaved rounds."""
+    from erf_tools.layers.dcnv3_fused import fused_core_available
+
+    if not fused_core_available():
+        raise SystemExit("dcnv3-core: the fused extension cannot be built here")
+    backends = {"grid_sample (old)": "reference", "fused C++": "fused"}
+    lines = [
+        "## Fused DCNv3 core vs the grid_sample core: UniConvNet-T stage shapes (issue 18, item 1)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}",
+        "",
+        f"`dcnv3_core` forward and backward (gradients of value, offset and mask for a random cotangent) on random "
+        f"float32 inputs of the shape each stage of UniConvNet-T has at {args.size}×{args.size} input (batch 1, 16 "
+        "channels per group, offsets ~1 px, mask ~0.3), both paths in the same process. Each round runs both paths "
+        f"once per stage in a rotated order; medians of {args.rounds} rounds (after one warm-up round), ratios "
+        "within rounds. *Per pass* sums stage × blocks (3, 3, 15, 3): the core time of one UniConvNet-T forward + "
+        "backward. Accuracy of each float32 path against the float64 core on the same inputs: *max rel err* = max "
+        "|error| / max |float64| over the output and the value and mask gradients; *∂offset flips* = offset-gradient "
+        "elements off by more than 1e-3 of the maximum: samples within float32 rounding (~1e-5 px) of a pixel "
+        "boundary, where the bilinear derivative jumps and either path may land in the neighbouring cell.",
+        "",
+        "| stage | map (C×H×W) | blocks | path | forward s | backward s | total s | CPU s | speed-up (total, wall) "
+        "| (CPU) | max rel err | ∂offset flips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_pass = {name: [] for name in backends}
+    per_pass_cpu = {name: [] for name in backends}
+    for index, (channels, blocks) in enumerate(UNICONVNET_T_STAGES):
+        side = args.size // 2 ** (index + 2)
+        inputs, group = dcnv3_core_inputs(channels, side, seed=index)
+        names = list(backends)
+        for name in names:  # warm-up (and the one build)
+            dcnv3_core_pass(backends[name], inputs, group)
+        times = {name: [] for name in names}
+        last = {}
+        for r in range(args.rounds):
+            for name in names[r % 2:] + names[:r % 2]:
+                result = dcnv3_core_pass(backends[name], inputs, group)
+                last[name] = result
+                times[name].append(result)
+            print(f"  stage {index} round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {times[n][-1]['total']:.3f} s" for n in names) + f" (load {os.getloadavg()[0]:.1f})")
+        truth = dcnv3_core_pass("fused", [t.double() for t in inputs], group)  # = the float64 reference to 1e-14
+        accuracy = {name: float32_accuracy(last[name], truth) for name in names}
+        for name in names:
+            med = {k: statistics.median(t[k] for t in times[name]) for k in ("forward", "backward", "total", "cpu")}
+            ratio = statistics.median(o["total"] / t["total"] for o, t in zip(times[names[0]], times[name]))
+            cpu_ratio = statistics.median(o["cpu"] / t["cpu"] for o, t in zip(times[names[0]], times[name]))
+            per_pass[name].append([t["total"] * blocks for t in times[name]])
+            per_pass_cpu[name].append([t["cpu"] * blocks for t in times[name]])
+            lines.append(f"| {index} | {channels}×{side}×{side} | {blocks} | {name} | {med['forward']:.4f} | "
+                         f"{med['backward']:.4f} | {med['total']:.4f} | {med['cpu']:.4f} | "
+                         f"{'**' + format(ratio, '.2f') + '×**' if name != names[0] else '1.00×'} | "
+                         f"{cpu_ratio:.2f}× | {accuracy[name][0]:.1e} | {accuracy[name][1]} |")
+    totals = {name: [sum(stage[r] for stage in per_pass[name]) for r in range(args.rounds)] for name in backends}
+    totals_cpu = {name: [sum(stage[r] for stage in per_pass_cpu[name]) for r in range(args.rounds)]
+                  for name in backends}
+    old_name, new_name = list(backends)
+    ratio = statistics.median(o / n for o, n in zip(totals[old_name], totals[new_name]))
+    cpu_ratio = statistics.median(o / n for o, n in zip(totals_cpu[old_name], totals_cpu[new_name]))
+    lines += ["", "| per UniConvNet-T pass (24 blocks) | old total s | fused total s | speed-up (wall) | (CPU) |",
+              "|---|---|---|---|---|",
+              f"| core, forward + backward | {statistics.median(totals[old_name]):.3f} | "
+              f"{statistics.median(totals[new_name]):.3f} | **{ratio:.2f}×** | {cpu_ratio:.2f}× |"]
+    return "\n".join(lines)
+
+
+# --- issue 18: one short run on a CUDA machine -----------------------------------------------------------------------
+
+#: Dense peak TFLOP/s (fp32 on CUDA cores, TF32 and bf16 on tensor cores) by device-name fragment, from the vendor
+#: data sheets (SXM parts); the fraction of peak is reported only for the devices listed.
+GPU_PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+                   "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+                   "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}}
+
+
+def preprocessed_images(count: int, size: int) -> torch.Tensor:
+    """The bundled sample photographs (and seeded crops) as RepLKNet-protocol tensors, decoded once, so that the
+    timed runs measure the device and not PNG decoding: bicubic resize to ``size``², ImageNet mean/std."""
+    from PIL import Image
+    from torchvision import transforms
+
+    folder = sample_folder(count, f"images{count}")
+    transform = transforms.Compose([
+        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    tensors = []
+    for path in sorted(folder.glob("*.png"))[:count]:
+        with Image.open(path) as image:
+            tensors.append(transform(image.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_run(fn: Callable[[], object], device: str) -> tuple[float, float, object]:
+    """(wall seconds, peak device memory in GiB (nan off CUDA), value) of ``fn`` on ``device``."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = fn()
+    _synchronize(device)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return wall, peak, value
+
+
+def pass_flops(model: torch.nn.Module, size: int, device: str) -> float:
+    """FLOPs of one forward + input-gradient pass of one image (torch's FlopCounterMode: convolutions and matrix
+    products; grid_sample and elementwise work are not counted, so the fraction of peak is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, size, size, device=device, requires_grad=True)
+    with _frozen_eval(model), FlopCounterMode(display=False) as counter:
+        features = model.forward_features(x)
+        features.float().square().sum().backward()  # (autograd.grad is unsupported under FlopCounterMode)
+    return float(counter.get_total_flops())
+
+
+def gpu_equality_checks(device: str, size: int) -> list[str]:
+    """Small cases: the DCNv3 core (float64, value/offset/mask gradients) and measure_erf of the three models
+    (2 images, fp32 without TF32) on CPU vs ``device``."""
+    from erf_tools.layers.dcnv3 import dcnv3_core
+
+    rows = ["| check | max \\|device − CPU\\| / max | Pearson |", "|---|---|---|"]
+    inputs, group = dcnv3_core_inputs(64, 24, seed=5)
+    inputs = [t.double() for t in inputs]
+    cpu = dcnv3_core_pass("auto", inputs, group)  # the fused kernel on CPU
+    dev = dcnv3_core_pass("auto", [t.to(device) for t in inputs], group)  # grid_sample (or a device kernel)
+    for name, a, b in zip(("output", "∂value", "∂offset", "∂mask"), (dev["out"], *dev["grads"]),
+                          (cpu["out"], *cpu["grads"])):
+        a = a.cpu()
+        rows.append(f"| DCNv3 core float64, {name} | {(a - b).abs().max().item() / b.abs().max().item():.1e} | "
+                    f"{pearson(a.numpy(), b.numpy()):.10f} |")
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name in ("resnet50", "replknet_31b", "uniconvnet_t"):
+        model = active_model(name)
+        maps = []
+        for where in ("cpu", device):
+            maps.append(measure_erf(model.to(where), images, batch_size=2, device=where).map)
+        rel = np.abs(maps[1] - maps[0]).max() / maps[0].max()
+        rows.append(f"| measure_erf {name} @{size}, 2 images, fp32 | {rel:.1e} | {pearson(maps[1], maps[0]):.8f} |")
+        del model
+    return rows
+
+
+def cmd_gpu(args) -> dict[str, str]:
+    """GPU equals CPU on small cases; UniConvNet-T and RepLKNet-31B at ``--size`` × ``--gpu-images`` in fp32 /
+    tf32 / bf16; ResNet-50 @224 vs OpenERF when installed. Skips (no section, exit 0) without CUDA."""
+    device = args.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu: skipped: no CUDA device (torch.cuda.is_available() is False); nothing measured or written")
+        return {}
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    peaks = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    # fp32 means fp32: no TF32 in cuDNN convolutions (PyTorch's default) nor in matmuls; the tf32 rows allow both.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    lines = [
+        "## GPU: equality with the CPU and throughput (issue 18, item 5)",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Device: {name}; torch {torch.__version__}, timm {timm.__version__}; host: {machine()}",
+        "",
+        f"### GPU equals CPU (small cases, {args.check_size} px)",
+        "",
+        *gpu_equality_checks(device, args.check_size),
+        "",
+        f"### Throughput at {args.size} px, {args.gpu_images} images (sample photographs, decoded beforehand)",
+        "",
+        f"`measure_erf(model, images, device={device!r}, batch_size={args.gpu_batch}, <exact fast paths>)`, "
+        "RepLKNet protocol, after a warm-up call on 2 images (cuDNN autotuning). fp32: TF32 off; tf32: TF32 on in "
+        "convolutions and matmuls (PyTorch's default for cuDNN); bf16: autocast. Peak = "
+        "`torch.cuda.max_memory_allocated`. TFLOP counted by FlopCounterMode (convolutions and matmuls only, "
+        "so the fraction of peak is a lower bound). DCNv3 on the GPU: the grid_sample core (the fused kernel is "
+        "CPU-only).",
+        "",
+        "| model | precision | batch | wall s | images/s | peak GiB | TFLOP/s (counted) | % of peak | Pearson to fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    images = preprocessed_images(args.gpu_images, args.size)
+    for model_name in args.models or ("uniconvnet_t", "replknet_31b"):
+        model = active_model(model_name).to(device)
+        fast = FAST_PATHS.get(model_name, {})
+        flops = pass_flops(model, args.size, device)
+        reference = None
+        for precision in ("fp32", "tf32", "bf16"):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            amp = "bf16" if precision == "bf16" else "fp32"
+
+            def run(count):
+                return measure_erf(model, images[:count], device=device, batch_size=args.gpu_batch,
+                                   precision=amp, keep_per_image=False, **fast)
+
+            device_run(lambda: run(min(2, args.gpu_images)), device)  # warm-up
+            wall, peak, result = device_run(lambda: run(args.gpu_images), device)
+            reference = result.map if precision == "fp32" else reference
+            achieved = flops * args.gpu_images / wall / 1e12
+            share = f"{100 * achieved / peaks[precision]:.1f} %" if peaks else "–"
+            lines.append(f"| {model_name} | {precision} | {args.gpu_batch} | {wall:.2f} | {args.gpu_images / wall:.2f} | "
+                         f"{peak:.2f} | {achieved:.1f} | {share} | {pearson(result.map, reference):.6f} |")
+            print(lines[-1], flush=True)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        lines.append(f"| {model_name}: {flops / 1e12:.3f} TFLOP counted per image (forward + input gradient) "
+                     "| | | | | | | | |")
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    lines += ["", *gpu_openerf_rows(device)]
+    lines += ["", f"Whole run: {time.perf_counter() - started:.0f} s."]
+    return {"gpu": "\n".join(lines)}
+
+
+def gpu_openerf_rows(device: str) -> list[str]:
+    """ResNet-50 @224, Kim protocol, 32 sample images: OpenERF (batch 1) vs measure_erf, on ``device``."""
+    try:
+        import openerf
+    except ImportError:
+        return ["ResNet-50 @224 vs OpenERF: skipped (openerf is not installed in this environment)."]
+    folder = sample_folder(32, "images32")
+    model = active_model("resnet50").to(device)
+    fast = FAST_PATHS["resnet50"]
+    configs = {
+        "OpenERF (batch 1)": lambda: openerf.compute_erf(
+            model, model_name="resnet50", image_dir=folder, max_images=32, target_layer="layer4", device=device,
+            show_progress=False),
+        "erf-tools fp32, batch 32": lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4",
+                                                        batch_size=32, device=device, **fast),
+        "erf-tools bf16, batch 32": lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4",
+                                                        batch_size=32, device=device, precision="bf16", **fast),
+    }
+    rows = ["ResNet-50 @224, Kim et al. protocol, 32 sample images (decoding included), after one warm-up call:",
+            "", "| configuration | wall s | images/s | × OpenERF |", "|---|---|---|---|"]
+    walls = {}
+    for label, fn in configs.items():
+        device_run(fn, device)
+        walls[label], _, _ = device_run(fn, device)
+    base = walls["OpenERF (batch 1)"]
+    rows += [f"| {label} | {wall:.2f} | {32 / wall:.1f} | {base / wall:.2f}× |" for label, wall in walls.items()]
+    return rows
+
+
 COMMANDS = {"openerf": cmd_openerf, "replknet-loop": cmd_replknet_loop, "overhead": cmd_overhead,
-            "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile}
+            "targets": cmd_targets, "backward-split": cmd_backward_split, "memory": cmd_memory, "profile": cmd_profile,
+            "dcnv3-core": cmd_dcnv3_core, "gpu": cmd_gpu}
 
 
 def main(argv=None) -> None:
@@ -667,6 +979,11 @@ def main(argv=None) -> None:
     parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
     parser.add_argument("--bf16", action="store_true", help="replknet-loop: also run bf16 autocast")
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    parser.add_argument("--tag", default="", help="replknet-loop: suffix of the RESULTS.md section name")
+    parser.add_argument("--device", default=None, help="gpu: the device (default cuda; cpu for a dry run)")
+    parser.add_argument("--gpu-images", type=int, default=50, help="gpu: images per throughput run")
+    parser.add_argument("--gpu-batch", type=int, default=8, help="gpu: batch size of the throughput runs")
+    parser.add_argument("--check-size", type=int, default=128, help="gpu: input size of the CPU-vs-GPU checks")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.images is None:

@@ -5,7 +5,8 @@ changes: the depthwise 3x3 conv that predicts offsets and masks has no LayerNorm
 modulation mask is used raw (no softmax over the points of a group). The official repository only ships a CUDA op
 (its CPU kernel is a stub), so the ERF of a UniConvNet cannot be measured on a CPU with it. This module implements the
 same function with ``F.grid_sample``: vectorised, differentiable with respect to the input, the offsets and the mask,
-and equal on CPU and CUDA.
+and equal on CPU and CUDA. On CPU, float32/float64 calls run a fused C++ kernel of the same function instead
+(:mod:`erf_tools.layers.dcnv3_fused`, built on first use; this ``grid_sample`` path is its reference and fallback).
 
 The sampling rule, for output pixel (h, w), group g, channel c of the group and kernel point p (InternImage's
 ``dcnv3_core_pytorch``, as modified by UniConvNet)::
@@ -29,6 +30,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from erf_tools.layers.dcnv3_fused import fused_dcnv3_core, use_fused_core
 
 __all__ = ["DCNv3", "dcnv3_core"]
 
@@ -90,6 +93,8 @@ def dcnv3_core(
         raise ValueError(f"offset must be (N, H, W, {group * points * 2}), got {tuple(offset.shape)}")
     if mask.shape != (n, h_out, w_out, group * points):
         raise ValueError(f"mask must be (N, H, W, {group * points}), got {tuple(mask.shape)}")
+    if use_fused_core(value, offset, mask):  # the fused CPU kernel (same function; dcnv3_fused.py)
+        return fused_dcnv3_core(value, offset, mask, group, kernel_size, stride, pad, dilation, offset_scale)
     group_channels = channels // group
     dtype, device = offset.dtype, offset.device
 
