@@ -23,7 +23,7 @@ CASES = [
     ("conv2former_n", 64, 4),
     ("parc_convnext_xt", 224, 2),
 ]
-FIELDS = ["agd_score", "fit_sigma_major", "fit_sigma_minor", "r_squared", "beta2", "r(0.5)", "centre_y", "centre_x",
+FIELDS = ["agd_score", "agd_score_raw", "fit_sigma_major", "fit_sigma_minor", "r_squared", "beta2", "r(0.5)", "centre_y", "centre_x",
           "map_sum", "map_max"]
 
 
