@@ -105,6 +105,8 @@ def caption(results: ERFResult | Sequence[ERFResult]) -> str:
     protocols = [r.protocol for r in results]
     sizes = [f"{r.input_size[0]}×{r.input_size[1]} px" for r in results]
     images = [f"{r.num_images} {_source_name(r.image_source)} image{'s' if r.num_images != 1 else ''}"
+              + (f" ({r.num_independent_images} independent)" if getattr(r, "num_independent_images", None)
+                 not in (None, r.num_images) else "")
               for r in results]
     weights = [describe_weights(r.weights) for r in results]
     return " · ".join([part("protocol ", protocols), part("input ", sizes), part("", images),

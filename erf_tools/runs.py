@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from erf_tools.catalogue import check_model_name, stage_targets
+from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES
 from erf_tools.engine.measure import MeasureConfig, measure_with_config
 from erf_tools.images import IMAGE_SOURCE_NAMES
 from erf_tools.protocols import PRESETS
@@ -60,7 +61,7 @@ class MeasureSettings:
     model: str
     protocol: str
     input_size: int | None  # None: the model's native size (timm data config)
-    num_images: int
+    num_images: int | str  # or "auto": until the AGD interval half-width is at most until_half_width
     images: str
     weights: str
     targets: tuple[str, ...] | None
@@ -71,12 +72,16 @@ class MeasureSettings:
     full_protocol: bool
     quick: bool  # True when the quick defaults replaced the protocol's larger input size
     weights_note: str | None = None  # why these weights, when they were chosen by default
+    until_half_width: float = DEFAULT_HALF_WIDTH
+    max_images: int = DEFAULT_MAX_IMAGES
 
     def describe(self) -> str:
         """One line for a terminal: everything the run will use."""
         size = f"{self.input_size}×{self.input_size} px" if self.input_size else "the model's native input size"
         targets = ", ".join(self.targets) if self.targets else "the family's ERF layer"
-        text = (f"model {self.model} · protocol {self.protocol} · {size} · {self.num_images} images from "
+        count = (f"images until the AGD interval is ±{self.until_half_width:g} (at most {self.max_images})"
+                 if self.num_images == "auto" else f"{self.num_images} images")
+        text = (f"model {self.model} · protocol {self.protocol} · {size} · {count} from "
                 f"{self.images} · weights {self.weights} · target {targets} · batch {self.batch_size} · "
                 f"{self.device} {self.precision} · seed {self.seed}")
         if self.weights_note:
@@ -90,6 +95,7 @@ class MeasureSettings:
             targets=list(self.targets) if self.targets else None, protocol=self.protocol, batch_size=self.batch_size,
             device=self.device, num_images=self.num_images, weights=self.weights, seed=self.seed,
             precision=self.precision, checkpoint_every=self.batch_size if isinstance(self.batch_size, int) else 1,
+            until_half_width=self.until_half_width, max_images=self.max_images,
             options={"input_size": self.input_size})
         extra = MeasureConfig.from_keywords(**changes)
         given = {name: getattr(extra, name) for name in changes if name in MeasureConfig.__dataclass_fields__}
@@ -110,8 +116,13 @@ def measure_settings(
     precision: str = "fp32",
     seed: int = 0,
     full_protocol: bool = False,
+    until_half_width: float = DEFAULT_HALF_WIDTH,
+    max_images: int = DEFAULT_MAX_IMAGES,
 ) -> MeasureSettings:
     """Resolve the input size and image count: explicit values, else full-protocol or quick defaults.
+
+    ``num_images="auto"`` adds images until the AGD interval half-width is at most ``until_half_width`` or
+    ``max_images`` are used (:class:`erf_tools.engine.convergence.ConvergenceRule`).
 
     ``weights="default"`` (or None) is decided here (:func:`erf_tools.weights_choice.default_weights`: trained
     weights on disk or quickly downloadable, else the ``active`` probe) and the reason kept in ``weights_note``.
@@ -130,8 +141,8 @@ def measure_settings(
         num_images = FULL_PROTOCOL_SETTINGS["num_images"] if full_protocol else QUICK_SETTINGS["num_images"]
     if input_size is not None and input_size < 8:
         raise ValueError(f"input size {input_size} is too small; give at least 8 px (32 or more for most models)")
-    if num_images < 1:
-        raise ValueError(f"the number of images must be at least 1, got {num_images}")
+    if num_images != "auto" and (not isinstance(num_images, int) or num_images < 1):
+        raise ValueError(f"the number of images must be at least 1 (or 'auto'), got {num_images!r}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"the batch size must be a positive integer or 'auto', got {batch_size!r}")
     if str(device).startswith("cuda"):
@@ -145,10 +156,11 @@ def measure_settings(
 
         decision = default_weights(model)
         weights, weights_note = decision.weights, decision.sentence
-    return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=int(num_images),
+    return MeasureSettings(model=model, protocol=protocol, input_size=input_size, num_images=num_images,
                            images=str(images), weights=str(weights), targets=tuple(targets) if targets else None,
                            batch_size=batch_size, device=str(device), precision=str(precision), seed=int(seed),
-                           full_protocol=bool(full_protocol), quick=quick, weights_note=weights_note)
+                           full_protocol=bool(full_protocol), quick=quick, weights_note=weights_note,
+                           until_half_width=float(until_half_width), max_images=int(max_images))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 from erf_tools.results import ERFResult, atomic_write_bytes
 
-__all__ = ["SCORE_COLUMNS", "TABLE_FORMATS", "format_table", "format_value", "score_row", "scores_table",
+__all__ = ["SCORE_COLUMNS", "TABLE_FORMATS", "format_table", "image_count_warning", "format_value", "score_row", "scores_table",
            "table_cells", "table_format_from_suffix", "write_table"]
 
 TABLE_FORMATS = ("terminal", "markdown", "csv", "json")
@@ -160,3 +160,29 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path, fmt: str | 
     text = format_table(rows, fmt, columns).encode()
     atomic_write_bytes(path, lambda handle: handle.write(text))
     return path
+
+
+def image_count_warning(report: Any, result: ERFResult | None = None) -> str | None:
+    """A sentence when the map rests on fewer images than it needs (None when the count was enough).
+
+    Two checks: the convergence curve's ``images_needed`` (how many images until the map stops changing by more
+    than its tolerance) against the images used, and independent source images against images (crops and flips of
+    one photograph are not new information).
+    """
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    used = result.num_images if result is not None else data.get("num_images")
+    needed = _finite((data.get("convergence") or {}).get("images_needed"))
+    problems = []
+    if used and needed is not None and needed > used:
+        problems.append(f"the map needs about {math.ceil(needed)} images to stop changing and has {used}")
+    independent = getattr(result, "num_independent_images", None) if result is not None else None
+    if used and independent is not None and independent < used:
+        problems.append(f"only {independent} of its {used} images are independent (crops and flips of the same "
+                        "photographs)")
+    if not problems:
+        return None
+    interval = (data.get("confidence_intervals") or {}).get("agd_score")
+    tail = f"; its AGD interval is [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and None not in interval else ""
+    return ("too few images: " + " and ".join(problems) + tail +
+            " — add images (--num-images, --until-converged) or use --images synthetic")
+

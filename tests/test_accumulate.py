@@ -80,3 +80,24 @@ def test_a_bare_total_has_no_standard_error():
     accumulator.total = np.ones((2, 2))
     accumulator.count = 5
     assert accumulator.standard_error(resolve_options("replknet")) is None
+
+
+@pytest.mark.slow
+def test_num_images_auto_adds_images_until_the_agd_interval_is_narrow():
+    from erf_tools.analysis import analyze
+
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    loose = measure_erf(small_net(), images, num_images="auto", until_half_width=0.5, max_images=64, batch_size=8,
+                        input_size=None, preprocessing="none")
+    record = loose.timing["engine"]["until_converged"]
+    assert record["converged"] and loose.num_images == record["images"] == 16  # met at the first check
+    assert loose.image_source["num_images"] == 16
+    tight = measure_erf(small_net(), images, num_images="auto", until_half_width=1e-6, max_images=40, batch_size=8,
+                        input_size=None, preprocessing="none")
+    record = tight.timing["engine"]["until_converged"]
+    assert not record["converged"] and tight.num_images == 40
+    assert [check["images"] for check in record["checks"]] == [16, 24, 40]
+    low, high = analyze(loose, bootstrap=100, seed=0).interval("agd_score")
+    assert (high - low) / 2 <= 0.5
+    with pytest.raises(ValueError, match="'auto'"):
+        measure_erf(small_net(), images, num_images="many")

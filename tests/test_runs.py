@@ -116,3 +116,22 @@ def test_import_modules_reports_failures(tmp_path):
         catalogue.import_modules([str(tmp_path / "absent.py")])
     with pytest.raises(ImportError):
         catalogue.import_modules(["no_such_module_for_erf_tools"])
+
+
+def test_image_count_warning_names_what_is_missing():
+    from erf_tools import tables
+
+    class Report:
+        def __init__(self, needed):
+            self.data = {"convergence": {"images_needed": needed}, "confidence_intervals": {"agd_score": [0.5, 0.7]}}
+
+        def to_dict(self):
+            return self.data
+
+    result = gaussian_result(sigma=5)
+    result.num_images, result.num_independent_images = 20, 12
+    text = tables.image_count_warning(Report(55.2), result)
+    assert "needs about 56 images" in text and "has 20" in text and "only 12 of its 20" in text
+    assert "[0.500, 0.700]" in text
+    result.num_independent_images = 20
+    assert tables.image_count_warning(Report(10.0), result) is None

@@ -18,6 +18,7 @@ import typer
 
 from erf_tools import catalogue, runs, tables
 from erf_tools.cli import render
+from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES
 from erf_tools.engine.engine import PRECISIONS
 from erf_tools.images import ImageSourceError
 from erf_tools.plotting import NORMALISATIONS, SCALES
@@ -201,6 +202,13 @@ def measure(
     seed: Seed = 0,
     scale: ScaleOpt = Scale.log,
     bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
+    until_converged: Annotated[bool, typer.Option(
+        "--until-converged", help="Add images until the AGD score's 95 % interval is at most ±--half-width (checked "
+        "at 16, 24, 36, ... images), or --max-images are used.")] = False,
+    half_width: Annotated[float, typer.Option("--half-width", help="Target half-width of the AGD interval for "
+                                              "--until-converged.", min=1e-6)] = DEFAULT_HALF_WIDTH,
+    max_images: Annotated[int, typer.Option("--max-images", help="The most images --until-converged uses.",
+                                            min=2)] = DEFAULT_MAX_IMAGES,
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", help="ERF option KEY=VALUE overriding the protocol (e.g. gradient=abs); repeatable.")] = None,
 ) -> None:
@@ -209,9 +217,10 @@ def measure(
     extra = _options(option or [])
     with _errors():
         settings = runs.measure_settings(
-            model, protocol=protocol.value, input_size=size, num_images=num_images, images=images, weights=weights,
-            targets=_targets(target or [], stage or [], stages, model), batch_size=_batch_size(batch_size),
-            device=device, precision=precision.value, seed=seed, full_protocol=full_protocol)
+            model, protocol=protocol.value, input_size=size, num_images="auto" if until_converged else num_images,
+            images=images, weights=weights, targets=_targets(target or [], stage or [], stages, model),
+            batch_size=_batch_size(batch_size), device=device, precision=precision.value, seed=seed,
+            full_protocol=full_protocol, until_half_width=half_width, max_images=max_images)
         render.note(settings.describe())
         if settings.quick:
             render.note("quick defaults (the published protocol is --full-protocol: "
@@ -222,9 +231,12 @@ def measure(
                 model, images=images, settings=settings, out=out, formats=formats, scale=scale.value,
                 resume=resume, bootstrap=bootstrap, progress=progress, fast=fast, **extra)
     rows = tables.scores_table(run.reports, run.results)
-    for result, row in zip(run.results, rows):
+    for result, report, row in zip(run.results, run.reports, rows):
         render.report_table(row, f"{result.model} — {result.target} ({result.num_images} images, "
                                  f"{result.input_size[0]}×{result.input_size[1]} px)")
+        warning = tables.image_count_warning(report, result)
+        if warning:
+            render.warning(warning)
     render.files([path for paths in run.files.values() for path in paths])
     render.note(f"done in {run.seconds:.1f} s")
 

@@ -84,6 +84,11 @@ def error(message: str) -> None:
     errors.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
 
 
+def warning(message: str) -> None:
+    """One yellow warning line on stderr."""
+    errors.print(Text("warning: ", style="bold yellow") + Text(message, style="yellow"), soft_wrap=True)
+
+
 def note(message: str) -> None:
     errors.print(Text(message, style="dim"), soft_wrap=True)
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from erf_tools.engine.accumulate import ERFAccumulator
+from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES, ConvergenceRule
 from erf_tools.engine.engine import PRECISIONS, ERFEngine, TargetGeometry, frozen_eval
 from erf_tools.engine.fastpaths import exact_fast_paths, prepare_model
 from erf_tools.engine.memory import auto_batch_size, available_memory
@@ -54,7 +55,7 @@ class MeasureConfig:
     protocol: str = "replknet"
     batch_size: int | str = 8
     device: str | torch.device = "cpu"
-    num_images: int | None = None
+    num_images: int | str | None = None
     weights: str | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -72,6 +73,8 @@ class MeasureConfig:
     prefetch: bool | None = None
     workers: int = 1
     fast: bool = False
+    until_half_width: float = DEFAULT_HALF_WIDTH
+    max_images: int = DEFAULT_MAX_IMAGES
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -94,6 +97,8 @@ class MeasureConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
+        if isinstance(self.num_images, str) and self.num_images != "auto":
+            raise ValueError(f"num_images must be a number of images or 'auto', got {self.num_images!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
         rank, world = self.shard
@@ -146,7 +151,7 @@ def measure_erf(
     protocol: str = "replknet",
     batch_size: int | str = 8,
     device: str | torch.device = "cpu",
-    num_images: int | None = None,
+    num_images: int | str | None = None,
     weights: str | None = None,
     seed: int = 0,
     precision: str = "fp32",
@@ -165,6 +170,8 @@ def measure_erf(
     prefetch: bool | None = None,
     workers: int = 1,
     fast: bool = False,
+    until_half_width: float = DEFAULT_HALF_WIDTH,
+    max_images: int = DEFAULT_MAX_IMAGES,
     **options: Any,
 ) -> ERFResult | list[ERFResult]:
     """Measure the effective receptive field of ``model`` at one or several target layers.
@@ -191,6 +198,10 @@ def measure_erf(
         convs with kernels of at least ``fft_depthwise`` pixels. Maps change by float rounding only.
     fast: turn on every one of these exact fast paths that applies to the model (:func:`exact_fast_paths`);
         the flags above add to it. RepLKNet-31B at 1024: 2.7x the published loop (``bench/RESULTS.md``).
+    num_images: how many images to use (default: all the source has), or ``"auto"``: add images until every
+        target's 95 % AGD interval is at most ``until_half_width`` wide on each side, or ``max_images`` are used
+        (:class:`~erf_tools.engine.convergence.ConvergenceRule`; checked at 16, 24, 36, ... images). What happened
+        is recorded in ``timing["engine"]["until_converged"]``; the image source must hold ``max_images`` images.
     keep_per_image: keep per-image maps block-summed to at most ``per_image_resolution`` pixels a side (bootstrap).
     progress: called as ``progress(images_done, images_total)`` after each batch.
     partial_path, checkpoint_every, resume: checkpoint the accumulators every ``checkpoint_every`` images to
@@ -212,7 +223,8 @@ def measure_erf(
         weights=weights, seed=seed, precision=precision, channels_last=channels_last, keep_per_image=keep_per_image,
         per_image_resolution=per_image_resolution, partial_path=partial_path, checkpoint_every=checkpoint_every,
         resume=resume, shard=shard, reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise,
-        memory_budget=memory_budget, prefetch=prefetch, workers=workers, fast=fast, options=options)
+        memory_budget=memory_budget, prefetch=prefetch, workers=workers, fast=fast,
+        until_half_width=until_half_width, max_images=max_images, options=options)
     return measure_with_config(model, images, config, progress)
 
 
@@ -279,8 +291,11 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
     resolved = resolve_targets(model, config.targets)
     config = _with_fast_paths(model, config)
     seed, shard, precision = config.seed, config.shard, config.precision
+    rule = (ConvergenceRule(config.until_half_width, config.max_images, seed=seed)
+            if config.num_images == "auto" else None)
+    wanted = config.max_images if rule is not None else config.num_images
 
-    stream, source_description, preprocess = input_stream(images, model, opts, config.num_images, seed, shard)
+    stream, source_description, preprocess = input_stream(images, model, opts, wanted, seed, shard)
     if weights_info.init_mode == "loaded":  # trained weights: say when the protocol normalises differently
         warn_preprocessing_mismatch(opts.preprocessing, preprocess, model, model_name)
     total_images = source_description["num_images"]
@@ -331,6 +346,10 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
                     last_saved = done
                 if progress is not None:  # after the checkpoint: a callback that stops the run loses nothing
                     progress(done, total_images)
+                if rule is not None and rule.should_stop(done, lambda: _interim_results(
+                        accumulators, engines, resolved, model_name, config.protocol, opts, weights_info,
+                        source_description, preprocess, input_hw, seed, shard)):
+                    break
         except BaseException:
             if partial is not None and done > last_saved:  # Ctrl-C, OOM, ...: keep what was computed
                 save_partial(partial, accumulators, done, settings_fingerprint)
@@ -345,6 +364,9 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
         windowed = sorted({name for e in engines for name in e.crops})
         if windowed:
             engine_info["windowed_targets"] = windowed
+        if rule is not None:
+            engine_info["until_converged"] = rule.record(done)
+            source_description = source_description | {"num_images": done}
         blind = sorted({name for e in engines for name in e.blind_targets})
         if blind:
             engine_info["blind_targets"] = blind
@@ -356,6 +378,15 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
                 break
     return Measurement(accumulators, geometry, resolved, model_name, config.protocol, opts, weights_info,
                        source_description, preprocess, input_hw, seed, shard, done, elapsed, engine_info, partial)
+
+
+def _interim_results(accumulators, engines, targets, model_name, protocol, opts, weights_info, source_description,
+                     preprocess, input_hw, seed, shard) -> list[ERFResult]:
+    """The results of a running measurement so far (for :class:`ConvergenceRule`)."""
+    geometry = next(e.geometry for e in engines if e.geometry is not None)
+    return [build_result(accumulators[t.module_name], geometry[t.module_name], model_name, protocol, opts,
+                         weights_info, source_description, preprocess, input_hw, seed, 0.0, 0, shard)
+            for t in targets]
 
 
 def build_result(accumulator: ERFAccumulator, geometry: TargetGeometry, model_name: str, protocol: str,
