@@ -1,26 +1,44 @@
-"""Where a feature-map unit's receptive field is centred in the input (``specs/erf-protocols.md`` §8).
+"""Where a feature-map unit's receptive field is centred in the input (Luo et al. 2016, §2; Araujo et al. 2019).
 
 For a path of layers (k_l, s_l, p_l, d_l), unit i of the output is centred at c0 + i·S in input pixels, with
-S = Π s_l and c0 = Σ_l (−p_l + d_l(k_l−1)/2)·Π_{m<l} s_m. Padded CNNs (c0 = 0) put the centre unit of a 7×7 map
-at pixel 96 of a 224 input, 15.5 px up-left of the image centre, so ERF statistics about (H//2, W//2) are biased.
+S = Π s_l and c0 = Σ_l (−p_l + d_l(k_l−1)/2)·Π_{m<l} s_m, where p_l is the padding *before* the first element.
+Padded CNNs (c0 = 0) put the centre unit of a 7×7 map at pixel 96 of a 224 input, 15.5 px up-left of the image
+centre, so ERF statistics about (H//2, W//2) are biased. TensorFlow "same" padding puts the odd pad row/column
+*after* the image, so each stride-2 layer there has p_l = (k−2)/2 rounded down, not (k−1)/2 (EfficientNet-Lite0:
+c0 = −15.5 instead of 0, a centre unit at 127, not 147).
 
-The path is read from the convolutions and pools the forward pass actually runs (hooks, in execution order). A
-layer counts when its input has the current resolution of the main path; parallel branches that reach a resolution
-the path has already left (ResNet shortcuts) are skipped. Resolution changes done without a convolution or pool
-(Swin patch merging) are treated as non-overlapping 2×2-style merges, adding (r−1)/2 · S.
+The path is measured, not read from module attributes: a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
+records the operators the forward actually runs, in execution order — every convolution (``aten.convolution``,
+also transposed), max/average pool and explicit padding (``F.pad``: constant, reflect, replicate) with the sizes
+and arguments it ran with. So dynamic "same" padding decided at run time (timm ``Conv2dSame``, ``MaxPool2dSame``,
+``AvgPool2dSame``, ``pad_same``, ``nn.Conv2d(padding="same")`` with even kernels), asymmetric ``nn.ZeroPad2d`` and
+functional convolutions inside unknown layers are all seen as what they did. A padding counts only when a
+convolution or pool consumes the padded size (an FFT convolution pads internally and crops back: no offset).
+A convolution or pool *module* whose forward runs none of these operators (an FFT-computed one) is recorded from
+its attributes instead.
+
+A layer counts when its input has the current resolution of the main path; parallel branches that reach a
+resolution the path has already left (ResNet shortcuts) are skipped. Resolution changes done without a convolution
+or pool (Swin patch merging) are treated as non-overlapping 2×2-style merges, adding (r−1)/2 · S.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _SPATIAL_TYPES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
 @dataclass(frozen=True)
 class LayerEvent:
-    """One spatial layer execution: input and output size, and its geometry per axis (row, column)."""
+    """One spatial layer execution: input and output size, and its geometry per axis (row, column).
+
+    ``padding`` is the padding before the first element (negative: a crop). A pure padding is an event with
+    kernel 1 and stride 1 (``kind="pad"``); it applies only to a later convolution or pool of its output size.
+    ``transposed`` marks a transposed convolution (stride = upsampling factor).
+    """
 
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
@@ -28,47 +46,135 @@ class LayerEvent:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    kind: str = "layer"
+    transposed: bool = False
 
 
 def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    if isinstance(value, int):
+        return value, value
+    value = list(value)
+    return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
+
+
+def _argument(args, kwargs, index: int, name: str, default):
+    if len(args) > index:
+        return args[index]
+    return (kwargs or {}).get(name, default)
+
+
+def operator_event(func, args, kwargs, output) -> LayerEvent | None:
+    """The :class:`LayerEvent` of one ATen operator call on an N×C×H×W tensor, or None if it is not spatial."""
+    packet = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
+    x = args[0] if args else None
+    if x is None or not hasattr(x, "dim") or x.dim() != 4 or not hasattr(output, "dim"):
+        return None
+    if packet == "max_pool2d_with_indices":
+        output = output[0]
+    if output.dim() != 4:
+        return None
+    in_hw, out_hw = tuple(x.shape[-2:]), tuple(output.shape[-2:])
+    if packet == "convolution":
+        weight = args[1]
+        stride, padding, dilation = (_argument(args, kwargs, i, n, 1) for i, n in ((3, "stride"), (4, "padding"),
+                                                                                    (5, "dilation")))
+        transposed = bool(_argument(args, kwargs, 6, "transposed", False))
+        return LayerEvent(in_hw, out_hw, tuple(weight.shape[-2:]), _pair(stride), _pair(padding), _pair(dilation),
+                          transposed=transposed)
+    if packet in ("max_pool2d_with_indices", "max_pool2d", "avg_pool2d"):
+        kernel = _pair(_argument(args, kwargs, 1, "kernel_size", 1))
+        stride = _argument(args, kwargs, 2, "stride", None)
+        stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride)
+        padding = _pair(_argument(args, kwargs, 3, "padding", 0))
+        dilation = _pair(_argument(args, kwargs, 4, "dilation", 1)) if packet != "avg_pool2d" else (1, 1)
+        return LayerEvent(in_hw, out_hw, kernel, stride, padding, dilation)
+    if packet in ("constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
+        pad = list(_argument(args, kwargs, 1, "pad" if packet == "constant_pad_nd" else "padding", []))
+        pad += [0] * (4 - len(pad))  # (left, right, top, bottom): last dimension first
+        if in_hw == out_hw and not any(pad[:4]):
+            return None
+        return LayerEvent(in_hw, out_hw, (1, 1), (1, 1), (int(pad[2]), int(pad[0])), (1, 1), kind="pad")
+    return None
+
+
+def module_event(module: nn.Module, x, output) -> LayerEvent:
+    """A convolution or pool module's event from its attributes (for a forward that ran no convolution operator)."""
+    kernel = _pair(module.kernel_size)
+    dilation = _pair(getattr(module, "dilation", 1))
+    padding = module.padding
+    if isinstance(padding, str):  # "same" (odd kernels: centred) / "valid"
+        padding = tuple((d * (k - 1)) // 2 for k, d in zip(kernel, dilation)) if padding == "same" else (0, 0)
+    stride = module.stride if module.stride is not None else kernel
+    return LayerEvent(tuple(x.shape[-2:]), tuple(output.shape[-2:]), kernel, _pair(stride), _pair(padding), dilation,
+                      transposed=isinstance(module, nn.ConvTranspose2d))
+
+
+class _OperatorRecorder(TorchDispatchMode):
+    def __init__(self, log: LayerLog) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        event = operator_event(func, args, kwargs, output)
+        if event is not None:
+            self.log.events.append(event)
+        return output
 
 
 class LayerLog:
-    """Records the spatial layers a forward pass runs, with markers for when each target was produced."""
+    """Records the spatial layers a forward pass runs, with markers for when each target was produced.
+
+    Recording starts at construction and ends at :meth:`close` (or the ``with`` block). Other dispatch modes
+    entered while it records must be left before it closes.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.events: list[LayerEvent] = []
         self.marks: dict[str, int] = {}
-        self._handles = [
-            m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, _SPATIAL_TYPES)
-        ]
+        self._starts: dict[int, list[int]] = {}
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, _SPATIAL_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.register_forward_hook(self._leave))
+        self._mode = _OperatorRecorder(self)
+        self._mode.__enter__()
+        self._open = True
 
-    def _record(self, module: nn.Module, args, output) -> None:
-        if not args or not hasattr(args[0], "shape") or args[0].dim() != 4 or output.dim() != 4:
+    def _enter(self, module: nn.Module, args) -> None:
+        self._starts.setdefault(id(module), []).append(len(self.events))
+
+    def _leave(self, module: nn.Module, args, output) -> None:
+        starts = self._starts.get(id(module))
+        if not starts:
             return
-        padding = module.padding
-        if isinstance(padding, str):  # "same" / "valid" convolutions
-            padding = tuple((d * (k - 1)) // 2 for k, d in zip(module.kernel_size, module.dilation)) \
-                if padding == "same" else (0, 0)
-        dilation = getattr(module, "dilation", 1)
-        self.events.append(
-            LayerEvent(
-                in_hw=tuple(args[0].shape[-2:]),
-                out_hw=tuple(output.shape[-2:]),
-                kernel=_pair(module.kernel_size),
-                stride=_pair(module.stride),
-                padding=_pair(padding),
-                dilation=_pair(dilation),
-            )
-        )
+        start = starts.pop()
+        if not args or not hasattr(args[0], "dim") or args[0].dim() != 4 or not hasattr(output, "dim") \
+                or output.dim() != 4:
+            return
+        if any(e.kind != "pad" for e in self.events[start:]):
+            return  # measured: the operators this module ran
+        # no convolution or pool operator ran (an FFT-computed convolution): what it computes is its attributes
+        del self.events[start:]
+        self.events.append(module_event(module, args[0], output))
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, len(self.events))
 
     def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._mode.__exit__(None, None, None)
         for handle in self._handles:
             handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def path_geometry(
@@ -79,13 +185,28 @@ def path_geometry(
     for axis in (0, 1):
         current = input_hw[axis]
         offset, stride = 0.0, 1.0
+        pending: tuple[int, int] | None = None  # (padding before, padded size) not yet consumed by a layer
         for event in events:
-            if event.in_hw[axis] != current:  # a parallel branch from a resolution the path has left
+            size_in, size_out = event.in_hw[axis], event.out_hw[axis]
+            if event.kind == "pad":
+                if size_in == current:
+                    pending = (event.padding[axis], size_out)
+                elif pending is not None and size_in == pending[1]:  # padding a padded map
+                    pending = (pending[0] + event.padding[axis], size_out)
                 continue
+            if pending is not None and size_in == pending[1] and size_in != current:
+                offset -= pending[0] * stride
+            elif size_in != current:  # a parallel branch from a resolution the path has left
+                continue
+            pending = None
             k, s, p, d = event.kernel[axis], event.stride[axis], event.padding[axis], event.dilation[axis]
-            offset += (-p + d * (k - 1) / 2) * stride
-            stride *= s
-            current = event.out_hw[axis]
+            if event.transposed:  # output o gathers input (o + p − d(k−1)/2)/s
+                offset += (p - d * (k - 1) / 2) / s * stride
+                stride /= s
+            else:
+                offset += (-p + d * (k - 1) / 2) * stride
+                stride *= s
+            current = size_out
         observed = input_hw[axis] / feature_hw[axis]
         if round(observed / stride) > 1:  # downsampling by layers that are not convolutions or pools
             factor = observed / stride
