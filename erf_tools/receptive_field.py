@@ -23,6 +23,8 @@ or pool (Swin patch merging) are treated as non-overlapping 2×2-style merges, a
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -177,36 +179,46 @@ class LayerLog:
         self.close()
 
 
+def main_path(events: list[LayerEvent], input_hw: tuple[int, int], axis: int) -> Iterator[tuple[LayerEvent, int]]:
+    """The convolutions and pools of the main path along ``axis`` (0: rows, 1: columns), each with the explicit
+    padding before it that it consumes (0 if none)."""
+    current = input_hw[axis]
+    pending: tuple[int, int] | None = None  # (padding before, padded size) not yet consumed by a layer
+    for event in events:
+        size_in = event.in_hw[axis]
+        if event.kind == "pad":
+            if size_in == current:
+                pending = (event.padding[axis], event.out_hw[axis])
+            elif pending is not None and size_in == pending[1]:  # padding a padded map
+                pending = (pending[0] + event.padding[axis], event.out_hw[axis])
+            continue
+        if pending is not None and size_in == pending[1] and size_in != current:
+            explicit = pending[0]
+        elif size_in == current:
+            explicit = 0
+        else:  # a parallel branch from a resolution the path has left
+            continue
+        pending = None
+        current = event.out_hw[axis]
+        yield event, explicit
+
+
 def path_geometry(
     events: list[LayerEvent], input_hw: tuple[int, int], feature_hw: tuple[int, int]
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """(c0, S) per axis (row, column) of the main path from the input to a feature map of size ``feature_hw``."""
     offsets, strides = [], []
     for axis in (0, 1):
-        current = input_hw[axis]
         offset, stride = 0.0, 1.0
-        pending: tuple[int, int] | None = None  # (padding before, padded size) not yet consumed by a layer
-        for event in events:
-            size_in, size_out = event.in_hw[axis], event.out_hw[axis]
-            if event.kind == "pad":
-                if size_in == current:
-                    pending = (event.padding[axis], size_out)
-                elif pending is not None and size_in == pending[1]:  # padding a padded map
-                    pending = (pending[0] + event.padding[axis], size_out)
-                continue
-            if pending is not None and size_in == pending[1] and size_in != current:
-                offset -= pending[0] * stride
-            elif size_in != current:  # a parallel branch from a resolution the path has left
-                continue
-            pending = None
+        for event, explicit in main_path(events, input_hw, axis):
             k, s, p, d = event.kernel[axis], event.stride[axis], event.padding[axis], event.dilation[axis]
+            offset -= explicit * stride
             if event.transposed:  # output o gathers input (o + p − d(k−1)/2)/s
                 offset += (p - d * (k - 1) / 2) / s * stride
                 stride /= s
             else:
                 offset += (-p + d * (k - 1) / 2) * stride
                 stride *= s
-            current = size_out
         observed = input_hw[axis] / feature_hw[axis]
         if round(observed / stride) > 1:  # downsampling by layers that are not convolutions or pools
             factor = observed / stride
@@ -215,6 +227,20 @@ def path_geometry(
         offsets.append(offset)
         strides.append(stride)
     return (offsets[0], offsets[1]), (strides[0], strides[1])
+
+
+def path_extent(events: list[LayerEvent], input_hw: tuple[int, int]) -> tuple[int, int]:
+    """Theoretical receptive-field size (rows, columns) of one unit at the end of the main path through ``events``:
+    1 + Σ_l d_l(k_l−1)·Π_{m<l} s_m (a transposed layer divides the step by its stride)."""
+    sizes = []
+    for axis in (0, 1):
+        extent, stride = 1.0, 1.0
+        for event, _ in main_path(events, input_hw, axis):
+            k, s, d = event.kernel[axis], event.stride[axis], event.dilation[axis]
+            extent += d * (k - 1) * (stride / s if event.transposed else stride)
+            stride = stride / s if event.transposed else stride * s
+        sizes.append(math.ceil(extent))
+    return sizes[0], sizes[1]
 
 
 def unit_centre(

@@ -1,0 +1,261 @@
+"""An empirical check of the receptive-field geometry: the input-gradient support of a linearised, all-positive copy.
+
+In a copy of the network whose convolution and linear weights are all positive, whose biases are zero and whose
+activations and normalisations are the identity, the input gradient of one output unit is a sum over paths of
+products of positive numbers: nothing cancels, so its support is exactly the theoretical receptive field (Luo et al.
+2016, §2) — the set of input pixels connected to the unit — whatever the padding rules (PyTorch symmetric,
+TensorFlow "same", explicit ``F.pad``). A layer of kernel k, stride s, leading padding p and dilation d maps unit i
+to the input interval [i·s − p, i·s − p + d(k−1)], whose *midpoint* is i·s − p + d(k−1)/2; composing layers keeps
+intervals, so the midpoint of the support's bounding box is the analytic centre c0 + i·S exactly, provided the
+support does not reach the input border (zero padding would clip it). The *centroid* is not exact: it is weighted
+by the number of paths and the kernel weights, which are not symmetric under asymmetric padding or random weights.
+
+What the copy changes, and why:
+
+* convolution / linear weights ← positive, each output an average of its inputs (float64 keeps the smallest path
+  products, ~(1/k)^depth, far above underflow); biases ← 0; other parameters (layer scales, norm affines,
+  position embeddings) ← 1;
+* activations and normalisations (batch, layer, group, instance, RMS) ← identity: no zero derivative, no channel
+  mean subtraction that would cancel, and no spatial statistics;
+* global context ← detached: spatial means (squeeze-and-excitation, global pooling) do not carry gradient, so a
+  gate multiplies by a constant instead of widening the support to the whole image;
+* ``F.scaled_dot_product_attention`` ← its value input (each token attends to itself): the local skeleton of a
+  transformer (patch embedding, merges, MLPs) stays, its global token mixing goes;
+* deformable sampling offsets (parameters of modules named ``*offset*``) ← 0: the regular sampling grid.
+
+An explicit attention (``softmax(q kᵀ) v`` written out) or any other global operator left in the copy spreads the
+support over the whole input, which :func:`probe_receptive_field` reports as an error rather than a centre.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from erf_tools.receptive_field import LayerLog, path_extent, path_geometry, unit_centre
+from erf_tools.targets import FeatureCapture, centre_unit, resolve_targets, to_nchw
+
+
+class ProbeError(ValueError):
+    """The probe cannot measure the receptive field (it reaches the input border, or no gradient reaches the input)."""
+
+
+@dataclass(frozen=True)
+class ProbedField:
+    """Support of a unit's input gradient in the linearised copy: bounding box (inclusive pixel rows/columns)."""
+
+    target: str
+    input_hw: tuple[int, int]
+    feature_hw: tuple[int, int]
+    unit: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Midpoint of the bounding box (row, column): the exact receptive-field centre."""
+        return (self.rows[0] + self.rows[1]) / 2, (self.cols[0] + self.cols[1]) / 2
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0] + 1, self.cols[1] - self.cols[0] + 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Receptive-field geometry of a target: unit i is centred at ``offset + i·stride`` (per axis, row/column)."""
+
+    target: str
+    input_hw: tuple[int, int]
+    feature_hw: tuple[int, int]
+    unit: tuple[int, int]
+    offset: tuple[float, float]
+    stride: tuple[float, float]
+    extent: tuple[int, int] | None = None  # theoretical receptive-field size, when known
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return unit_centre(self.unit, self.offset, self.stride)
+
+
+_IDENTITY = {F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+             F.sigmoid, F.tanh, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.softplus, F.glu,
+             torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu,
+             torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.Tensor.tanh,
+             torch.Tensor.tanh_, F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
+if hasattr(F, "rms_norm"):
+    _IDENTITY.add(F.rms_norm)
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax}
+_GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+def _reduces_space(args, kwargs) -> bool:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return False
+    dims = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+    if dims is None:
+        return True
+    dims = {d % 4 for d in ((dims,) if isinstance(dims, int) else dims)}
+    return len(dims & {1, 2, 3}) >= 2  # over both spatial axes (NCHW 2,3 / NHWC 1,2), not over channels only
+
+
+class Linearised(TorchFunctionMode):
+    """Runs a forward as the linearised copy described in the module docstring (activations, norms: identity;
+    global context: detached; attention: identity token mixing)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _IDENTITY:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:
+            return args[2] if len(args) > 2 else kwargs["value"]
+        result = func(*args, **kwargs)
+        if (func in _REDUCTIONS and _reduces_space(args, kwargs)) or (
+                func in _GLOBAL_POOLS and isinstance(result, torch.Tensor) and result.shape[-2:] == (1, 1)):
+            return result.detach()
+        return result
+
+
+def linearised_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with the parameters of the module docstring (run it under
+    :class:`Linearised`)."""
+    twin = copy.deepcopy(model).eval().to(dtype)
+    with torch.no_grad():
+        for module_name, module in twin.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                if "offset" in module_name.rsplit(".", 1)[-1] or name == "bias" or name.endswith("_bias"):
+                    param.zero_()
+                elif param.dim() >= 2 and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    param.fill_(1.0 / param[0].numel())
+                elif param.dim() >= 2 and name == "weight":  # a weight used functionally (e.g. ParC's kernel)
+                    param.fill_(1.0 / param[0].numel())
+                else:
+                    param.fill_(1.0)
+    return twin
+
+
+def probe_receptive_field(
+    model: nn.Module,
+    input_size: int | tuple[int, int],
+    target: str | None = None,
+    unit: tuple[int, int] | None = None,
+    centre: str = "half",
+    axes: tuple[int, ...] = (0, 1),
+) -> ProbedField:
+    """The input-gradient support of unit ``unit`` (default: the engine's centre unit under ``centre``) of
+    ``target`` in the linearised, all-positive copy of ``model`` on an all-ones input of ``input_size``.
+
+    Raises :class:`ProbeError` when the support touches the input border along one of ``axes`` (0: rows,
+    1: columns; use a larger input: the border clips the receptive field and moves the midpoint) or when no gradient
+    reaches the input.
+    """
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    (resolved,) = resolve_targets(model, target)
+    twin = linearised_copy(model)
+    x = torch.ones(1, getattr(model, "in_chans", 3), height, width, dtype=torch.float64, requires_grad=True)
+    with FeatureCapture(twin, [resolved]) as capture, Linearised(), torch.enable_grad():
+        output = capture.run(x)[resolved.module_name]
+    grid = to_nchw(output, twin, (height, width), resolved.layout, resolved.name)
+    feature_hw = tuple(int(v) for v in grid.shape[-2:])
+    unit = centre_unit(centre, *feature_hw) if unit is None else centre_unit(tuple(unit), *feature_hw)
+    objective = grid[0, :, unit[0], unit[1]].sum()
+    if not objective.requires_grad:
+        raise ProbeError(f"target {resolved.name!r} does not depend on the input in the linearised copy")
+    (gradient,) = torch.autograd.grad(objective, x)
+    if not bool(torch.isfinite(gradient).all()):
+        raise ProbeError(f"non-finite input gradient from unit {unit} of {resolved.name!r} in the linearised copy "
+                         f"(forward max {float(grid.detach().abs().max())})")
+    support = gradient[0].abs().sum(0) > 0
+    rows, cols = torch.nonzero(support.any(1)).flatten(), torch.nonzero(support.any(0)).flatten()
+    if rows.numel() == 0:
+        raise ProbeError(f"no input gradient reaches the input from unit {unit} of {resolved.name!r}")
+    box_rows, box_cols = (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
+    touches = [box[0] == 0 or box[1] == size - 1 for box, size in ((box_rows, height), (box_cols, width))]
+    if any(touches[axis] for axis in axes):
+        raise ProbeError(
+            f"the receptive field of unit {unit} of {resolved.name!r} reaches the border of the {height}×{width} "
+            f"input (rows {box_rows}, columns {box_cols}): use a larger input, or the model keeps a global operator "
+            "(explicit attention, a spatial statistic) that the linearised copy does not remove"
+        )
+    return ProbedField(resolved.name, (height, width), feature_hw, unit, box_rows, box_cols)
+
+
+def receptive_field_geometry(
+    model: nn.Module, input_size: int | tuple[int, int], target: str | None = None, centre: str = "half"
+) -> Geometry:
+    """The engine's analytic geometry of ``target`` at ``input_size`` (one no-grad forward on zeros, the layers
+    recorded by :class:`~erf_tools.receptive_field.LayerLog`), with the centre unit under ``centre``."""
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    (resolved,) = resolve_targets(model, target)
+    was_training = model.training
+    model.eval()
+    parameter = next(model.parameters(), None)
+    x = torch.zeros(1, getattr(model, "in_chans", 3), height, width,
+                    dtype=parameter.dtype if parameter is not None else torch.float32,
+                    device=parameter.device if parameter is not None else None)
+    try:
+        with FeatureCapture(model, [resolved]) as capture, torch.no_grad():
+            with LayerLog(model) as log:
+                capture.on_capture = log.mark
+                output = capture.run(x)[resolved.module_name]
+    finally:
+        model.train(was_training)
+    grid = to_nchw(output, model, (height, width), resolved.layout, resolved.name)
+    feature_hw = tuple(int(v) for v in grid.shape[-2:])
+    events = log.events[: log.marks.get(resolved.module_name, len(log.events))]
+    offset, stride = path_geometry(events, (height, width), feature_hw)
+    return Geometry(resolved.name, (height, width), feature_hw, centre_unit(centre, *feature_hw), offset, stride,
+                    path_extent(events, (height, width)))
+
+
+def probe_geometry(
+    model: nn.Module,
+    input_size: int | tuple[int, int],
+    target: str | None = None,
+    centre: str = "half",
+    max_size: int = 4096,
+) -> Geometry:
+    """The geometry at ``input_size`` measured by the probe alone, one axis at a time: the support midpoints of two
+    neighbouring units give the stride S and the offset c0, on an input lengthened along that axis by whole
+    multiples of S until the receptive field fits (first guess: the theoretical extent plus two strides) and
+    shortened along the other by whole multiples of its stride (the axes are independent: convolutions, pools and
+    paddings act on each separately).
+
+    Lengthening by multiples of the total stride keeps every layer's input size modulo its stride, hence every
+    padding decision ("same" padding depends on it) and c0. Only for models that accept any input size; for the
+    others (ViT, Swin at their ``img_size``) call :func:`probe_receptive_field` at the model's size.
+    """
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    base = receptive_field_geometry(model, size, target, centre)
+    offset, stride = [0.0, 0.0], [0.0, 0.0]
+    for axis in (0, 1):
+        step = max(1, round(base.stride[axis]))
+        grow = max(0, math.ceil((base.extent[axis] + 2 * step - size[axis]) / step)) if base.extent else 0
+        other, other_step = 1 - axis, max(1, round(base.stride[1 - axis]))
+        while True:
+            probe_size = list(size)
+            probe_size[axis] += grow * step
+            # the other axis as short as its size modulo the stride allows (same paddings there, less work)
+            probe_size[other] = size[other] - max(0, (size[other] - other_step) // other_step) * other_step
+            if probe_size[axis] > max_size:
+                raise ProbeError(f"the receptive field of {base.target!r} does not fit in {max_size} pixels")
+            try:
+                first = probe_receptive_field(model, tuple(probe_size), target, centre=centre, axes=(axis,))
+                unit = list(first.unit)
+                unit[axis] += 1 if unit[axis] + 1 < first.feature_hw[axis] else -1
+                second = probe_receptive_field(model, tuple(probe_size), target, unit=tuple(unit), axes=(axis,))
+                break
+            except ProbeError as exc:
+                if "border" not in str(exc):
+                    raise
+                grow = max(1, grow * 2)
+        stride[axis] = (second.centre[axis] - first.centre[axis]) / (second.unit[axis] - first.unit[axis])
+        offset[axis] = first.centre[axis] - first.unit[axis] * stride[axis]
+    return Geometry(base.target, base.input_hw, base.feature_hw, base.unit, (offset[0], offset[1]),
+                    (stride[0], stride[1]))
