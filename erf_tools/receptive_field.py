@@ -24,6 +24,7 @@ or pool (Swin patch merging) are treated as non-overlapping 2×2-style merges, a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,11 +70,9 @@ def operator_event(func, args, kwargs, output) -> LayerEvent | None:
     """The :class:`LayerEvent` of one ATen operator call on an N×C×H×W tensor, or None if it is not spatial."""
     packet = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
     x = args[0] if args else None
-    if x is None or not hasattr(x, "dim") or x.dim() != 4 or not hasattr(output, "dim"):
-        return None
-    if packet == "max_pool2d_with_indices":
+    if packet == "max_pool2d_with_indices" and isinstance(output, (tuple, list)):
         output = output[0]
-    if output.dim() != 4:
+    if x is None or not hasattr(x, "dim") or x.dim() != 4 or not hasattr(output, "dim") or output.dim() != 4:
         return None
     in_hw, out_hw = tuple(x.shape[-2:]), tuple(output.shape[-2:])
     if packet == "convolution":
@@ -99,16 +98,38 @@ def operator_event(func, args, kwargs, output) -> LayerEvent | None:
     return None
 
 
+class GeometryWarning(UserWarning):
+    """A layer's receptive-field geometry could not be measured; the centre may be wrong."""
+
+
 def module_event(module: nn.Module, x, output) -> LayerEvent:
-    """A convolution or pool module's event from its attributes (for a forward that ran no convolution operator)."""
+    """A convolution or pool module's event from its attributes (for a forward that ran no convolution operator).
+
+    Warns (:class:`GeometryWarning`) when the attributes do not explain the module's output size: its forward
+    then does something else (a padding or resampling decided at run time) that the attributes do not describe.
+    """
     kernel = _pair(module.kernel_size)
     dilation = _pair(getattr(module, "dilation", 1))
     padding = module.padding
     if isinstance(padding, str):  # "same" (odd kernels: centred) / "valid"
         padding = tuple((d * (k - 1)) // 2 for k, d in zip(kernel, dilation)) if padding == "same" else (0, 0)
-    stride = module.stride if module.stride is not None else kernel
-    return LayerEvent(tuple(x.shape[-2:]), tuple(output.shape[-2:]), kernel, _pair(stride), _pair(padding), dilation,
-                      transposed=isinstance(module, nn.ConvTranspose2d))
+    padding = _pair(padding)
+    stride = _pair(module.stride if module.stride is not None else kernel)
+    event = LayerEvent(tuple(x.shape[-2:]), tuple(output.shape[-2:]), kernel, stride, padding, dilation,
+                       transposed=isinstance(module, nn.ConvTranspose2d))
+    ceil = bool(getattr(module, "ceil_mode", False))
+    for n, out, k, s, p, d in zip(event.in_hw, event.out_hw, kernel, stride, padding, dilation):
+        span = n + 2 * p - d * (k - 1) - 1
+        expected = (n - 1) * s - 2 * p + d * (k - 1) + 1 if event.transposed else \
+            (-(-span // s) if ceil else span // s) + 1
+        if not (out == expected or (event.transposed and expected <= out < expected + s)):
+            warnings.warn(
+                f"{type(module).__name__} maps a {event.in_hw} input to {event.out_hw}, which its kernel, stride, "
+                f"padding and dilation do not explain, and ran no convolution or pool operator that could be "
+                "measured: its receptive-field centre is unknown and the reported one may be wrong",
+                GeometryWarning, stacklevel=3)
+            break
+    return event
 
 
 class _OperatorRecorder(TorchDispatchMode):

@@ -21,6 +21,8 @@ What the copy changes, and why:
   gate multiplies by a constant instead of widening the support to the whole image;
 * ``F.scaled_dot_product_attention`` ← its value input (each token attends to itself): the local skeleton of a
   transformer (patch embedding, merges, MLPs) stays, its global token mixing goes;
+* max pools ← average pools over the same windows (the max passes the gradient to one tap), their −inf padding
+  ← zeros;
 * deformable sampling offsets (parameters of modules named ``*offset*``) ← 0: the regular sampling grid.
 
 An explicit attention (``softmax(q kᵀ) v`` written out) or any other global operator left in the copy spreads the
@@ -92,6 +94,35 @@ if hasattr(F, "rms_norm"):
     _IDENTITY.add(F.rms_norm)
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax}
 _GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_MAX_POOLS = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
+
+
+def _pool_arguments(args, kwargs) -> tuple:
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v) * (2 if len(tuple(v)) == 1 else 1)  # noqa: E731
+    kernel = pair(values["kernel_size"])
+    stride = values.get("stride") or kernel
+    return (values["input"], kernel, pair(stride), pair(values.get("padding", 0)), pair(values.get("dilation", 1)),
+            bool(values.get("ceil_mode", False)))
+
+
+def _averaging_pool(func, args, kwargs) -> torch.Tensor:
+    """A max pool as the average over the same window (zero padding, dilation and ceil mode kept): the max sends
+    the gradient to one tap only, the average to all of them."""
+    x, kernel, stride, padding, dilation, ceil_mode = _pool_arguments(args, kwargs)
+    with torch.no_grad():
+        size = func(*args, **kwargs)
+        size = (size[0] if isinstance(size, tuple) else size).shape[-2:]
+    channels = x.shape[1]
+    weight = x.new_full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
+    # extra trailing zeros where ceil_mode lets the last window hang over the end
+    extra = [max(0, (n - 1) * s + d * (k - 1) + 1 - (size_in + 2 * p)) for n, s, d, k, size_in, p in
+             zip(size, stride, dilation, kernel, x.shape[-2:], padding)]
+    padded = F.pad(x, (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]))
+    out = F.conv2d(padded, weight, stride=stride, dilation=dilation, groups=channels)
+    return out[..., :size[0], :size[1]]
 
 
 def _reduces_space(args, kwargs) -> bool:
@@ -115,6 +146,11 @@ class Linearised(TorchFunctionMode):
             return args[0] if args else kwargs["input"]
         if func is F.scaled_dot_product_attention:
             return args[2] if len(args) > 2 else kwargs["value"]
+        if func in _MAX_POOLS:
+            return _averaging_pool(func, args, kwargs)
+        if func is F.pad and not math.isfinite(float(args[3] if len(args) > 3 else kwargs.get("value") or 0.0)):
+            # a max pool's −inf padding (timm MaxPool2dSame), which the averaging pool must read as zeros
+            return F.pad(args[0], args[1] if len(args) > 1 else kwargs["pad"])
         result = func(*args, **kwargs)
         if (func in _REDUCTIONS and _reduces_space(args, kwargs)) or (
                 func in _GLOBAL_POOLS and isinstance(result, torch.Tensor) and result.shape[-2:] == (1, 1)):
@@ -155,6 +191,18 @@ def probe_receptive_field(
     1: columns; use a larger input: the border clips the receptive field and moves the midpoint) or when no gradient
     reaches the input.
     """
+    return probe_receptive_fields(model, input_size, target, [unit], centre, axes)[0]
+
+
+def probe_receptive_fields(
+    model: nn.Module,
+    input_size: int | tuple[int, int],
+    target: str | None = None,
+    units: list[tuple[int, int] | None] = (None,),
+    centre: str = "half",
+    axes: tuple[int, ...] = (0, 1),
+) -> list[ProbedField]:
+    """:func:`probe_receptive_field` for several units from one forward pass (``None``: the centre unit)."""
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     (resolved,) = resolve_targets(model, target)
     twin = linearised_copy(model)
@@ -163,27 +211,31 @@ def probe_receptive_field(
         output = capture.run(x)[resolved.module_name]
     grid = to_nchw(output, twin, (height, width), resolved.layout, resolved.name)
     feature_hw = tuple(int(v) for v in grid.shape[-2:])
-    unit = centre_unit(centre, *feature_hw) if unit is None else centre_unit(tuple(unit), *feature_hw)
-    objective = grid[0, :, unit[0], unit[1]].sum()
-    if not objective.requires_grad:
-        raise ProbeError(f"target {resolved.name!r} does not depend on the input in the linearised copy")
-    (gradient,) = torch.autograd.grad(objective, x)
-    if not bool(torch.isfinite(gradient).all()):
-        raise ProbeError(f"non-finite input gradient from unit {unit} of {resolved.name!r} in the linearised copy "
-                         f"(forward max {float(grid.detach().abs().max())})")
-    support = gradient[0].abs().sum(0) > 0
-    rows, cols = torch.nonzero(support.any(1)).flatten(), torch.nonzero(support.any(0)).flatten()
-    if rows.numel() == 0:
-        raise ProbeError(f"no input gradient reaches the input from unit {unit} of {resolved.name!r}")
-    box_rows, box_cols = (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
-    touches = [box[0] == 0 or box[1] == size - 1 for box, size in ((box_rows, height), (box_cols, width))]
-    if any(touches[axis] for axis in axes):
-        raise ProbeError(
-            f"the receptive field of unit {unit} of {resolved.name!r} reaches the border of the {height}×{width} "
-            f"input (rows {box_rows}, columns {box_cols}): use a larger input, or the model keeps a global operator "
-            "(explicit attention, a spatial statistic) that the linearised copy does not remove"
-        )
-    return ProbedField(resolved.name, (height, width), feature_hw, unit, box_rows, box_cols)
+    fields = []
+    for index, unit in enumerate(units):
+        unit = centre_unit(centre, *feature_hw) if unit is None else centre_unit(tuple(unit), *feature_hw)
+        objective = grid[0, :, unit[0], unit[1]].sum()
+        if not objective.requires_grad:
+            raise ProbeError(f"target {resolved.name!r} does not depend on the input in the linearised copy")
+        (gradient,) = torch.autograd.grad(objective, x, retain_graph=index < len(units) - 1)
+        if not bool(torch.isfinite(gradient).all()):
+            raise ProbeError(f"non-finite input gradient from unit {unit} of {resolved.name!r} in the linearised "
+                             f"copy (largest activation {float(grid.detach().abs().max()):.3g})")
+        support = gradient[0].abs().sum(0) > 0
+        rows, cols = torch.nonzero(support.any(1)).flatten(), torch.nonzero(support.any(0)).flatten()
+        if rows.numel() == 0:
+            raise ProbeError(f"no input gradient reaches the input from unit {unit} of {resolved.name!r}")
+        box_rows, box_cols = (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
+        touches = [box[0] == 0 or box[1] == size - 1 for box, size in ((box_rows, height), (box_cols, width))]
+        if any(touches[axis] for axis in axes):
+            raise ProbeError(
+                f"the receptive field of unit {unit} of {resolved.name!r} reaches the border of the "
+                f"{height}×{width} input (rows {box_rows}, columns {box_cols}): use a larger input, or the model "
+                "keeps a global operator (explicit attention, a spatial statistic) that the linearised copy does "
+                "not remove"
+            )
+        fields.append(ProbedField(resolved.name, (height, width), feature_hw, unit, box_rows, box_cols))
+    return fields
 
 
 def receptive_field_geometry(
@@ -238,21 +290,28 @@ def probe_geometry(
         step = max(1, round(base.stride[axis]))
         grow = max(0, math.ceil((base.extent[axis] + 2 * step - size[axis]) / step)) if base.extent else 0
         other, other_step = 1 - axis, max(1, round(base.stride[1 - axis]))
+        retries = 0
         while True:
             probe_size = list(size)
             probe_size[axis] += grow * step
             # the other axis as short as its size modulo the stride allows (same paddings there, less work)
-            probe_size[other] = size[other] - max(0, (size[other] - other_step) // other_step) * other_step
+            removed = max(0, (size[other] - max(4 * other_step, 32)) // other_step)
+            probe_size[other] = size[other] - removed * other_step
             if probe_size[axis] > max_size:
                 raise ProbeError(f"the receptive field of {base.target!r} does not fit in {max_size} pixels")
+            feature = list(base.feature_hw)  # the probe's map: longer along axis by grow units (same paddings)
+            feature[axis] += grow
+            feature[other] = max(1, feature[other] - removed)
+            unit = [u // 2 for u in feature] if centre == "half" else [(u - 1) // 2 for u in feature]
+            neighbour = list(unit)
+            neighbour[axis] += 1 if unit[axis] + 1 < feature[axis] else -1
             try:
-                first = probe_receptive_field(model, tuple(probe_size), target, centre=centre, axes=(axis,))
-                unit = list(first.unit)
-                unit[axis] += 1 if unit[axis] + 1 < first.feature_hw[axis] else -1
-                second = probe_receptive_field(model, tuple(probe_size), target, unit=tuple(unit), axes=(axis,))
+                first, second = probe_receptive_fields(model, tuple(probe_size), target,
+                                                       [tuple(unit), tuple(neighbour)], axes=(axis,))
                 break
             except ProbeError as exc:
-                if "border" not in str(exc):
+                retries += 1
+                if "border" not in str(exc) or retries > 2:  # twice the theoretical field: a global operator
                     raise
                 grow = max(1, grow * 2)
         stride[axis] = (second.centre[axis] - first.centre[axis]) / (second.unit[axis] - first.unit[axis])
