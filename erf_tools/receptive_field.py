@@ -235,6 +235,11 @@ def path_geometry(
             k, s, p, d = event.kernel[axis], event.stride[axis], event.padding[axis], event.dilation[axis]
             offset -= explicit * stride
             if event.transposed:  # output o gathers input (o + p − d(k−1)/2)/s
+                if any(min(t) + max(t) != k - 1 for t in (range(r, k, s) for r in range(min(s, k)))):
+                    warnings.warn(
+                        f"a transposed convolution (kernel {k}, stride {s}) centres its output units on "
+                        "alternating phases: the receptive-field centre is their average, off by up to "
+                        f"{d * (s - 1) / 2 / s * stride:g} px for single units", GeometryWarning, stacklevel=2)
                 offset += (p - d * (k - 1) / 2) / s * stride
                 stride /= s
             else:
@@ -262,6 +267,19 @@ def path_extent(events: list[LayerEvent], input_hw: tuple[int, int]) -> tuple[in
             stride = stride / s if event.transposed else stride * s
         sizes.append(math.ceil(extent))
     return sizes[0], sizes[1]
+
+
+def path_period(events: list[LayerEvent], input_hw: tuple[int, int]) -> tuple[int, int]:
+    """The largest total downsampling reached along the main path, per axis: input sizes that differ by a multiple
+    of it give every layer the same size modulo its stride, hence the same run-time ("same") paddings."""
+    periods = []
+    for axis in (0, 1):
+        stride, largest = 1.0, 1.0
+        for event, _ in main_path(events, input_hw, axis):
+            stride = stride / event.stride[axis] if event.transposed else stride * event.stride[axis]
+            largest = max(largest, stride)
+        periods.append(math.ceil(largest))
+    return periods[0], periods[1]
 
 
 def unit_centre(

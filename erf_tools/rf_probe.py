@@ -19,13 +19,14 @@ What the copy changes, and why:
   mean subtraction that would cancel, and no spatial statistics;
 * global context ← detached: spatial means (squeeze-and-excitation, global pooling) do not carry gradient, so a
   gate multiplies by a constant instead of widening the support to the whole image;
-* ``F.scaled_dot_product_attention`` ← its value input (each token attends to itself): the local skeleton of a
-  transformer (patch embedding, merges, MLPs) stays, its global token mixing goes;
+* ``F.scaled_dot_product_attention`` ← its value input, and a softmax over the last axis of a square (…, N, N)
+  tensor (explicit attention weights) ← the identity matrix: each token attends to itself, so the local skeleton
+  of a transformer (patch embedding, merges, MLPs) stays and its global token mixing goes;
 * max pools ← average pools over the same windows (the max passes the gradient to one tap), their −inf padding
   ← zeros;
 * deformable sampling offsets (parameters of modules named ``*offset*``) ← 0: the regular sampling grid.
 
-An explicit attention (``softmax(q kᵀ) v`` written out) or any other global operator left in the copy spreads the
+Any other global operator left in the copy (a non-square attention, a spatial statistic not taken by a mean) spreads the
 support over the whole input, which :func:`probe_receptive_field` reports as an error rather than a centre.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from erf_tools.receptive_field import LayerLog, path_extent, path_geometry, unit_centre
+from erf_tools.receptive_field import LayerLog, path_extent, path_geometry, path_period, unit_centre
 from erf_tools.targets import FeatureCapture, centre_unit, resolve_targets, to_nchw
 
 
@@ -79,6 +80,7 @@ class Geometry:
     offset: tuple[float, float]
     stride: tuple[float, float]
     extent: tuple[int, int] | None = None  # theoretical receptive-field size, when known
+    period: tuple[int, int] | None = None  # input-size period of the paddings (see path_period), when known
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -94,6 +96,7 @@ if hasattr(F, "rms_norm"):
     _IDENTITY.add(F.rms_norm)
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax}
 _GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _MAX_POOLS = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
 
 
@@ -146,6 +149,12 @@ class Linearised(TorchFunctionMode):
             return args[0] if args else kwargs["input"]
         if func is F.scaled_dot_product_attention:
             return args[2] if len(args) > 2 else kwargs["value"]
+        if func in _SOFTMAX:
+            x = args[0] if args else kwargs["input"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if x.dim() >= 3 and x.shape[-1] == x.shape[-2] and dim in (-1, x.dim() - 1):
+                # attention weights softmax(q kᵀ): each token attends to itself only
+                return torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand(x.shape)
         if func in _MAX_POOLS:
             return _averaging_pool(func, args, kwargs)
         if func is F.pad and not math.isfinite(float(args[3] if len(args) > 3 else kwargs.get("value") or 0.0)):
@@ -263,7 +272,7 @@ def receptive_field_geometry(
     events = log.events[: log.marks.get(resolved.module_name, len(log.events))]
     offset, stride = path_geometry(events, (height, width), feature_hw)
     return Geometry(resolved.name, (height, width), feature_hw, centre_unit(centre, *feature_hw), offset, stride,
-                    path_extent(events, (height, width)))
+                    path_extent(events, (height, width)), path_period(events, (height, width)))
 
 
 def probe_geometry(
@@ -275,36 +284,34 @@ def probe_geometry(
 ) -> Geometry:
     """The geometry at ``input_size`` measured by the probe alone, one axis at a time: the support midpoints of two
     neighbouring units give the stride S and the offset c0, on an input lengthened along that axis by whole
-    multiples of S until the receptive field fits (first guess: the theoretical extent plus two strides) and
-    shortened along the other by whole multiples of its stride (the axes are independent: convolutions, pools and
-    paddings act on each separately).
+    multiples of the padding period P (the largest total downsampling on the path) until the receptive field fits
+    (first guess: the theoretical extent plus two periods) and shortened along the other by whole multiples of its
+    period (the axes are independent: convolutions, pools and paddings act on each separately).
 
-    Lengthening by multiples of the total stride keeps every layer's input size modulo its stride, hence every
-    padding decision ("same" padding depends on it) and c0. Only for models that accept any input size; for the
+    Changing the size by multiples of P keeps every layer's input size modulo its stride, hence every padding
+    decision ("same" padding depends on it) and c0. Only for models that accept any input size; for the
     others (ViT, Swin at their ``img_size``) call :func:`probe_receptive_field` at the model's size.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     base = receptive_field_geometry(model, size, target, centre)
     offset, stride = [0.0, 0.0], [0.0, 0.0]
     for axis in (0, 1):
-        step = max(1, round(base.stride[axis]))
-        grow = max(0, math.ceil((base.extent[axis] + 2 * step - size[axis]) / step)) if base.extent else 0
-        other, other_step = 1 - axis, max(1, round(base.stride[1 - axis]))
+        step = base.period[axis]
+        grow = max(0, math.ceil((base.extent[axis] + 2 * step - size[axis]) / step))
+        other, other_step = 1 - axis, base.period[1 - axis]
         retries = 0
         while True:
             probe_size = list(size)
             probe_size[axis] += grow * step
-            # the other axis as short as its size modulo the stride allows (same paddings there, less work)
+            # the other axis as short as its size modulo the period allows (same paddings there, less work)
             removed = max(0, (size[other] - max(4 * other_step, 32)) // other_step)
             probe_size[other] = size[other] - removed * other_step
             if probe_size[axis] > max_size:
                 raise ProbeError(f"the receptive field of {base.target!r} does not fit in {max_size} pixels")
-            feature = list(base.feature_hw)  # the probe's map: longer along axis by grow units (same paddings)
-            feature[axis] += grow
-            feature[other] = max(1, feature[other] - removed)
-            unit = [u // 2 for u in feature] if centre == "half" else [(u - 1) // 2 for u in feature]
+            feature = receptive_field_geometry(model, tuple(probe_size), target, centre)
+            unit = list(feature.unit)
             neighbour = list(unit)
-            neighbour[axis] += 1 if unit[axis] + 1 < feature[axis] else -1
+            neighbour[axis] += 1 if unit[axis] + 1 < feature.feature_hw[axis] else -1
             try:
                 first, second = probe_receptive_fields(model, tuple(probe_size), target,
                                                        [tuple(unit), tuple(neighbour)], axes=(axis,))

@@ -82,9 +82,9 @@ SCHEMES = [
     ("max pool with dilation and ceil mode", lambda: Chain(nn.Conv2d(3, 4, 1),
                                                            nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)), 31,
      (1.0, 1.0), (2.0, 2.0)),
-    # o gathers input (o + p − d(k−1)/2)/s: c0 = 0 + 2·(1 − 1.5)/2 = −0.5, S = 2/2
-    ("ConvTranspose2d", lambda: Chain(nn.Conv2d(3, 4, 3, 2, 1), nn.ConvTranspose2d(4, 4, 4, 2, 1)), 32,
-     (-0.5, -0.5), (1.0, 1.0)),
+    # o gathers input (o + p − d(k−1)/2)/s: c0 = 0 + 2·(1 − 1)/2 = 0, S = 2/2 (k = 3: both phases centred alike)
+    ("ConvTranspose2d", lambda: Chain(nn.Conv2d(3, 4, 3, 2, 1), nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1)),
+     32, (0.0, 0.0), (1.0, 1.0)),
 ]
 
 
@@ -92,6 +92,26 @@ SCHEMES = [
 def test_padding_scheme_geometry(name, build, size, offset, stride):
     torch.manual_seed(0)
     assert_geometry(build().eval(), size, "out", offset, stride)
+
+
+def test_phase_dependent_transposed_conv_warns():
+    """k = 4, s = 2: even outputs are centred ½ px from odd ones; no single c0 + i·S, so a warning."""
+    from erf_tools.receptive_field import GeometryWarning
+
+    model = Chain(nn.Conv2d(3, 4, 3, 2, 1), nn.ConvTranspose2d(4, 4, 4, 2, 1)).eval()
+    with pytest.warns(GeometryWarning, match="alternating phases"):
+        receptive_field_geometry(model, 32, "out")
+
+
+def test_module_whose_attributes_do_not_explain_its_output_warns():
+    from erf_tools.receptive_field import GeometryWarning
+
+    class Opaque(nn.Conv2d):  # resamples by itself, through no operator the log understands
+        def forward(self, x):
+            return x[..., ::2, ::2]
+
+    with pytest.warns(GeometryWarning, match="do not explain"):
+        receptive_field_geometry(Chain(Opaque(3, 3, 3, padding=1), nn.Identity()).eval(), 32, "out")
 
 
 def test_fft_depthwise_conv_keeps_the_geometry():
