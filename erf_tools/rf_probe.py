@@ -15,8 +15,9 @@ What the copy changes, and why:
 * convolution / linear weights ← positive, each output an average of its inputs (float64 keeps the smallest path
   products, ~(1/k)^depth, far above underflow); biases ← 0; other parameters (layer scales, norm affines,
   position embeddings) ← 1;
-* activations and normalisations (batch, layer, group, instance, RMS) ← identity: no zero derivative, no channel
-  mean subtraction that would cancel, and no spatial statistics;
+* activations and batch norms ← identity (no zero derivative); layer, group, instance and RMS norms ← division
+  by their detached mean magnitude: positive, no channel-mean subtraction that would cancel, no gradient through
+  spatial statistics, and bounded activations where branches multiply;
 * global context ← detached: spatial means (squeeze-and-excitation, global pooling) do not carry gradient, so a
   gate multiplies by a constant instead of widening the support to the whole image;
 * ``F.scaled_dot_product_attention`` ← its value input, and a softmax over the last axis of a square (…, N, N)
@@ -91,9 +92,23 @@ _IDENTITY = {F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.gelu, F.silu, 
              F.sigmoid, F.tanh, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.softplus, F.glu,
              torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu,
              torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.Tensor.tanh,
-             torch.Tensor.tanh_, F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
+             torch.Tensor.tanh_, F.batch_norm, F.local_response_norm}
+_NORMS = {F.layer_norm: "last", F.group_norm: "sample", F.instance_norm: "sample"}
 if hasattr(F, "rms_norm"):
-    _IDENTITY.add(F.rms_norm)
+    _NORMS[F.rms_norm] = "last"
+
+
+def _detached_scale_norm(func, args, kwargs) -> torch.Tensor:
+    """A normalisation as a division by its magnitude *detached* (mean |x| over the normalised axes): no mean
+    subtraction that could cancel, no gradient through the statistic (which would spread the support), and
+    activations that stay bounded through products of branches (Conv2Former's modulation would overflow)."""
+    x = args[0] if args else kwargs["input"]
+    if _NORMS[func] == "last":
+        shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+        dims = tuple(range(x.dim() - len((shape,) if isinstance(shape, int) else shape), x.dim()))
+    else:
+        dims = tuple(range(1, x.dim()))
+    return x / x.detach().abs().mean(dims, keepdim=True).clamp_min(1e-30)
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax}
 _GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
@@ -147,6 +162,8 @@ class Linearised(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _IDENTITY:
             return args[0] if args else kwargs["input"]
+        if func in _NORMS:
+            return _detached_scale_norm(func, args, kwargs)
         if func is F.scaled_dot_product_attention:
             return args[2] if len(args) > 2 else kwargs["value"]
         if func in _SOFTMAX:
