@@ -324,7 +324,10 @@ def probe_geometry(
             removed = max(0, (size[other] - max(4 * other_step, 32)) // other_step)
             probe_size[other] = size[other] - removed * other_step
             if probe_size[axis] > max_size:
-                raise ProbeError(f"the receptive field of {base.target!r} does not fit in {max_size} pixels")
+                raise ProbeError(
+                    f"the receptive field of {base.target!r} does not fit in {max_size} pixels (theoretical size "
+                    f"{base.extent[axis]}): the support keeps reaching the border, so the model has an operator "
+                    "with a global field (e.g. a circular convolution along a whole axis); probe an earlier target")
             feature = receptive_field_geometry(model, tuple(probe_size), target, centre)
             unit = list(feature.unit)
             neighbour = list(unit)

@@ -160,7 +160,7 @@ FAMILY_CASES = [
     ProbeCase("replknet_31b", (224, 256), dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))),
     # ParC's circular convolution along a whole axis has no centre: probe the last stage before it
     ProbeCase("parc_convnext_xt", (224, 256), target="stages.1", setup=_spatial_parc),
-    ProbeCase("conv2former_n", (224, 256)),
+    ProbeCase("conv2former_n", (224, 256), dict(dims=(8, 16, 32, 64))),
 ]
 TIMM_CASES = [
     ProbeCase("tf_efficientnet_lite0"),
