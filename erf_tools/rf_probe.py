@@ -1,7 +1,7 @@
 """An empirical check of the receptive-field geometry: the input-gradient support of a linearised, all-positive copy.
 
-In a copy of the network whose convolution and linear weights are all positive, whose biases are zero and whose
-activations and normalisations are the identity, the input gradient of one output unit is a sum over paths of
+In a copy of the network whose convolution and linear weights are all positive, whose biases are zero, whose
+activations are the identity and whose normalisations are positive scalings, the input gradient of one output unit is a sum over paths of
 products of positive numbers: nothing cancels, so its support is exactly the theoretical receptive field (Luo et al.
 2016, §2) — the set of input pixels connected to the unit — whatever the padding rules (PyTorch symmetric,
 TensorFlow "same", explicit ``F.pad``). A layer of kernel k, stride s, leading padding p and dilation d maps unit i
