@@ -1,12 +1,12 @@
-"""An empirical check of the receptive-field geometry: the input-gradient support of a linearised, all-positive copy.
+"""An empirical check of the receptive-field geometry: the input-gradient support of a linearised copy.
 
 In a copy of the network whose convolution and linear weights are all positive, whose biases are zero, whose
-activations are the identity and whose normalisations are positive scalings, the input gradient of one output unit is a sum over paths of
-products of positive numbers: nothing cancels, so its support is exactly the theoretical receptive field (Luo et al.
-2016, §2) — the set of input pixels connected to the unit — whatever the padding rules (PyTorch symmetric,
-TensorFlow "same", explicit ``F.pad``). A layer of kernel k, stride s, leading padding p and dilation d maps unit i
-to the input interval [i·s − p, i·s − p + d(k−1)], whose *midpoint* is i·s − p + d(k−1)/2; composing layers keeps
-intervals, so the midpoint of the support's bounding box is the analytic centre c0 + i·S exactly, provided the
+activations are the identity and whose normalisations are positive scalings, the input gradient of one output
+unit is a sum over paths of products of positive numbers: nothing cancels, so its support is exactly the
+theoretical receptive field (Luo et al. 2016, §2) — the input pixels connected to the unit — whatever the padding
+rules (PyTorch symmetric, TensorFlow "same", explicit ``F.pad``). A layer of kernel k, stride s, leading padding p
+and dilation d maps unit i to the input interval [i·s − p, i·s − p + d(k−1)], whose *midpoint* is
+i·s − p + d(k−1)/2; composing layers keeps intervals, so the midpoint of the support's bounding box is the analytic centre c0 + i·S exactly, provided the
 support does not reach the input border (zero padding would clip it). The *centroid* is not exact: it is weighted
 by the number of paths and the kernel weights, which are not symmetric under asymmetric padding or random weights.
 
