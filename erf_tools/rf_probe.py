@@ -7,8 +7,9 @@ theoretical receptive field (Luo et al. 2016, §2) — the input pixels connecte
 rules (PyTorch symmetric, TensorFlow "same", explicit ``F.pad``). A layer of kernel k, stride s, leading padding p
 and dilation d maps unit i to the input interval [i·s − p, i·s − p + d(k−1)], whose *midpoint* is
 i·s − p + d(k−1)/2; composing layers keeps intervals, so the midpoint of the support's bounding box is the
-analytic centre c0 + i·S exactly, provided the support does not reach the input border (zero padding would clip it). The *centroid* is not exact: it is weighted
-by the number of paths and the kernel weights, which are not symmetric under asymmetric padding or random weights.
+analytic centre c0 + i·S exactly, provided the support does not reach the input border (zero padding would clip
+it). The *centroid* is not exact: it is weighted by the number of paths and the kernel weights, which are not
+symmetric under asymmetric padding or random weights.
 
 What the copy changes, and why:
 
