@@ -19,8 +19,9 @@ What the copy changes, and why:
 * activations and batch norms ← identity (no zero derivative); layer, group, instance and RMS norms ← division
   by their detached mean magnitude: positive, no channel-mean subtraction that would cancel, no gradient through
   spatial statistics, and bounded activations where branches multiply;
-* global context ← detached: spatial means (squeeze-and-excitation, global pooling) do not carry gradient, so a
-  gate multiplies by a constant instead of widening the support to the whole image;
+* global context ← detached: spatial statistics (squeeze-and-excitation means, global pooling, the norms of
+  global response normalisation) do not carry gradient, so a gate multiplies by a constant instead of widening
+  the support to the whole image;
 * ``F.scaled_dot_product_attention`` ← its value input, and a softmax over the last axis of a square (…, N, N)
   tensor (explicit attention weights) ← the identity matrix: each token attends to itself, so the local skeleton
   of a transformer (patch embedding, merges, MLPs) stays and its global token mixing goes;
@@ -110,7 +111,10 @@ def _detached_scale_norm(func, args, kwargs) -> torch.Tensor:
     else:
         dims = tuple(range(1, x.dim()))
     return x / x.detach().abs().mean(dims, keepdim=True).clamp_min(1e-30)
-_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.amax}
+#: spatial statistics (function: position of its ``dim`` argument): squeeze-excitation means, GRN norms, ...
+_REDUCTIONS = {torch.mean: 1, torch.sum: 1, torch.amax: 1, torch.var: 1, torch.std: 1, torch.Tensor.mean: 1,
+               torch.Tensor.sum: 1, torch.Tensor.amax: 1, torch.Tensor.var: 1, torch.Tensor.std: 1, torch.norm: 2,
+               torch.Tensor.norm: 2, torch.linalg.vector_norm: 2, torch.linalg.norm: 2}
 _GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _MAX_POOLS = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
@@ -144,11 +148,12 @@ def _averaging_pool(func, args, kwargs) -> torch.Tensor:
     return out[..., :size[0], :size[1]]
 
 
-def _reduces_space(args, kwargs) -> bool:
-    x = args[0] if args else None
+def _reduces_space(func, args, kwargs) -> bool:
+    x = args[0] if args else (kwargs or {}).get("input")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return False
-    dims = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+    position = _REDUCTIONS[func]
+    dims = args[position] if len(args) > position else (kwargs or {}).get("dim")
     if dims is None:
         return True
     dims = {d % 4 for d in ((dims,) if isinstance(dims, int) else dims)}
@@ -179,7 +184,7 @@ class Linearised(TorchFunctionMode):
             # a max pool's −inf padding (timm MaxPool2dSame), which the averaging pool must read as zeros
             return F.pad(args[0], args[1] if len(args) > 1 else kwargs["pad"])
         result = func(*args, **kwargs)
-        if (func in _REDUCTIONS and _reduces_space(args, kwargs)) or (
+        if (func in _REDUCTIONS and _reduces_space(func, args, kwargs)) or (
                 func in _GLOBAL_POOLS and isinstance(result, torch.Tensor) and result.shape[-2:] == (1, 1)):
             return result.detach()
         return result

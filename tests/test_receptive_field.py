@@ -169,6 +169,8 @@ TIMM_CASES = [
     ProbeCase("convnext_tiny", kwargs=dict(dims=(8, 16, 32, 64))),  # the geometry does not depend on widths
     ProbeCase("vit_small_patch16_224", (224, 256), fixed_size=True),
     ProbeCase("swin_tiny_patch4_window7_224", (224, 256), fixed_size=True),
+    # global response normalisation (spatial L2 norms; also in UniRepLKNet) must not spread the probe's support
+    ProbeCase("convnextv2_atto", (224,), dict(dims=(8, 16, 32, 64))),
 ]
 
 
