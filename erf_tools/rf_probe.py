@@ -16,7 +16,8 @@ What the copy changes, and why:
 * convolution / linear weights ← positive, each output an average of its inputs (float64 keeps the smallest path
   products, ~(1/k)^depth, far above underflow); biases ← 0; other parameters (layer scales, norm affines,
   position embeddings) ← 1;
-* activations and batch norms ← identity (no zero derivative); layer, group, instance and RMS norms ← division
+* activations and batch norms ← identity (no zero derivative; sigmoid-like gates stay, bounded and strictly
+  increasing); layer, group, instance and RMS norms ← division
   by their detached mean magnitude: positive, no channel-mean subtraction that would cancel, no gradient through
   spatial statistics, and bounded activations where branches multiply;
 * global context ← detached: spatial statistics (squeeze-and-excitation means, global pooling, the norms of
@@ -90,11 +91,11 @@ class Geometry:
         return unit_centre(self.unit, self.offset, self.stride)
 
 
-_IDENTITY = {F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-             F.sigmoid, F.tanh, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.softplus, F.glu,
-             torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu,
-             torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.Tensor.tanh,
-             torch.Tensor.tanh_, F.batch_norm, F.local_response_norm}
+# Sigmoid-like gates stay: bounded, with a positive derivative (and on detached context, constants); made the
+# identity, a squeeze-excitation gate would square the activations at every block until they overflow.
+_IDENTITY = {F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.gelu, F.silu, F.mish, F.hardswish, F.leaky_relu,
+             F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.softplus, F.glu, torch.relu, torch.relu_, torch.selu,
+             torch.Tensor.relu, torch.Tensor.relu_, F.batch_norm, F.local_response_norm}
 _NORMS = {F.layer_norm: "last", F.group_norm: "sample", F.instance_norm: "sample"}
 if hasattr(F, "rms_norm"):
     _NORMS[F.rms_norm] = "last"
