@@ -10,11 +10,12 @@ __all__ = ["as_pair", "is_out_of_memory", "module_device"]
 
 
 def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    """``7 -> (7, 7)``, ``(3, 5) -> (3, 5)``: the (height, width) form of a size, kernel, stride or padding."""
+    """``7 -> (7, 7)``, ``(3,) -> (3, 3)``, ``(3, 5) -> (3, 5)``: the (height, width) form of a size, kernel, stride
+    or padding (operators receive one-element lists for square ones)."""
     if isinstance(value, int):
         return value, value
-    height, width = value
-    return int(height), int(width)
+    value = list(value)
+    return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
 
 
 def module_device(model: nn.Module) -> torch.device:
