@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm  # noqa: F401  (see below)
+import torch  # noqa: F401  pytester restores sys.modules after each in-process run; torch cannot be imported twice
 
 from erf_tools.testing.entry_point import PLUGIN, autoloaded
 from erf_tools.testing.tolerances import DEFAULT_FIELDS

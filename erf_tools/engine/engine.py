@@ -62,7 +62,8 @@ class ERFEngine:
     total stride) and, for early targets, tries input windows (:mod:`erf_tools.engine.windows`).
     """
 
-    def __init__(self, model, targets, options, device, precision, channels_last, crop_early_targets=True):
+    def __init__(self, model, targets, options, device, precision, channels_last, crop_early_targets=True,
+                 diagnose=True):
         self.model = model
         self.targets = targets
         self.options = options
@@ -70,6 +71,8 @@ class ERFEngine:
         self.precision = precision
         self.channels_last = channels_last
         self.crop_early_targets = crop_early_targets
+        #: check the first batch for blind objectives (off for shape-only replays: meta and fake tensors hold no data)
+        self.diagnose = diagnose
         self.crops: dict[str, InputWindow] = {}
         #: objective scale under fp16 (see :meth:`_input_gradient`); 1 otherwise (bf16 has float32's range)
         self.grad_scale = 2.0 ** 12 if precision == "fp16" else 1.0
@@ -194,7 +197,8 @@ class ERFEngine:
             for index, target in enumerate(full_targets):
                 grid = grids[target.module_name]
                 objective = centre_objective(grid, self.geometry[target.module_name].unit, self.options)
-                if first and objective_is_blind(grid, self.geometry[target.module_name].unit, self.options):
+                unit = self.geometry[target.module_name].unit
+                if first and self.diagnose and objective_is_blind(grid, unit, self.options):
                     self.blind_targets.add(target.module_name)
                 if not objective.requires_grad:
                     raise RuntimeError(

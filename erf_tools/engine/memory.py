@@ -129,7 +129,8 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
         replica = _meta_copy(model)
         if channels_last:
             replica = replica.to(memory_format=torch.channels_last)
-        engine = ERFEngine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False)
+        engine = ERFEngine(replica, resolved, opts, "meta", "fp32", channels_last, crop_early_targets=False,
+                           diagnose=False)
         tracker = LiveMemoryTracker()
         try:
             with frozen_eval(replica), tracker:
@@ -141,7 +142,8 @@ def _replay_peak(model, input_hw, batch_size, targets, protocol, precision, chan
     # fake tensors of the real device
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    engine = ERFEngine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False)
+    engine = ERFEngine(model, resolved, opts, device, precision, channels_last, crop_early_targets=False,
+                       diagnose=False)
     restore = _channels_last_in_place(model) if channels_last else nullcontext()
     with restore, frozen_eval(model), FakeTensorMode(allow_non_fake_inputs=True):
         tracker = LiveMemoryTracker()

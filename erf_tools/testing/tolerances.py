@@ -172,14 +172,16 @@ def allowed_difference(snapshot: FieldValue, now: FieldValue, *, tolerance: floa
     """(allowed |now − snapshot|, rule name) by the rules of the module docstring."""
     if tolerance is not None:
         return float(tolerance), "tolerance"
-    widths = [h for h in (snapshot.half_width, now.half_width) if h is not None]
-    if len(widths) == 2:
-        return factor * math.hypot(*widths), "noise"
-    if len(widths) == 1:
-        return factor * math.sqrt(2.0) * widths[0], "noise (one side)"
     scale = max(abs(v) for v in (snapshot.value, now.value) if v is not None) if (
         snapshot.value is not None or now.value is not None) else 0.0
-    return FALLBACK_RTOL * scale + FALLBACK_ATOL, "numeric"
+    numeric = FALLBACK_RTOL * scale + FALLBACK_ATOL
+    widths = [h for h in (snapshot.half_width, now.half_width) if h is not None]
+    # an interval that collapsed to a point (a bounded score at its bound) still allows float rounding
+    if len(widths) == 2:
+        return max(factor * math.hypot(*widths), numeric), "noise"
+    if len(widths) == 1:
+        return max(factor * math.sqrt(2.0) * widths[0], numeric), "noise (one side)"
+    return numeric, "numeric"
 
 
 def compare_fields(snapshot: Mapping[str, FieldValue], now: Mapping[str, FieldValue], *,
