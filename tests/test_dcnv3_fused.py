@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from erf_tools.models import dcnv3_fused
+from erf_tools.layers import dcnv3_fused
 from erf_tools.layers.dcnv3 import DCNv3, dcnv3_core
 from erf_tools.layers.dcnv3_fused import (
     FusedCoreUnavailable,

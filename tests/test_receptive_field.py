@@ -150,7 +150,7 @@ class ProbeCase:
 
 
 def _spatial_parc(model: nn.Module) -> None:
-    from erf_tools.models.parc import set_parc_path
+    from erf_tools.layers.parc import set_parc_path
 
     set_parc_path(model, "spatial")  # FFT convolutions leave rounding noise where the exact gradient is zero
 
