@@ -86,7 +86,7 @@ def test_compare_results_writes_figures_and_score_rows(tmp_path):
 def test_score_rows_and_table_formats():
     report = runs._analyze(gaussian_result(sigma=5), bootstrap=0)
     (row,) = tables.scores_table([report], [gaussian_result(sigma=5)])
-    assert row["model"] == "toy" and row["input_size"] == "64×64" and row["weights"] == "active"
+    assert row["model"] == "toy" and row["input_size"] == "64×64" and row["weights"] == "architecture probe (active init, seed 0)"
     assert row["sigma_major"] == pytest.approx(5, rel=0.1) and row["agd_score"] > 0.9
     rows = [row, dict(row, model="other", agd_score=None, agd_score_ci=[0.5, 0.7])]
     markdown = tables.format_table(rows, "markdown")
