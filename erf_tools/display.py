@@ -143,8 +143,9 @@ def report_html(report: Any) -> str:
 
 # --------------------------------------------------------------------------------------------------------- progress
 def notebook_progress(description: str = "ERF") -> Callable[..., None]:
-    """A progress callback for :func:`erf_tools.runs.run_measure` (``progress(done, total)``) and
-    :func:`erf_tools.runs.run_compare` (``progress(model, done, total)``: one bar per model).
+    """A progress callback for :func:`erf_tools.measure_erf` and :func:`erf_tools.runs.run_measure`
+    (``progress(done, total)``) and :func:`erf_tools.runs.run_compare` (``progress(model, done, total)``: one bar per
+    model).
 
     Uses tqdm's notebook bar when tqdm and ipywidgets are installed, tqdm's text bar when only tqdm is, and else
     prints a line every 10 % of the images, so a notebook never needs the CLI's rich progress or ipywidgets.

@@ -430,8 +430,10 @@ def run_compare(
     """Compare ERFs (the ``erf compare`` command): one figure on a shared colour scale, radial profiles, scores.
 
     ``sources`` are saved results (paths to ``.npz``/``.json`` or their common stem), folders of saved results
-    (every result in it, see :func:`saved_results_in`), loaded results, or model names; model names are measured first with :func:`run_measure` (``measure_options``: ``input_size``,
-    ``num_images``, ``weights``, ``protocol``, ...; results saved into ``out``; ``progress(model, done, total)``).
+    (every result in it, see :func:`saved_results_in`), loaded results, or model names; model names are measured
+    first with :func:`run_measure` (``measure_options``: ``input_size``, ``num_images``, ``weights``, ``protocol``,
+    ...; results saved into ``out``; ``progress(model, done, total)``, e.g.
+    :func:`erf_tools.display.notebook_progress` in a notebook).
 
     Writes into ``out``: ``<name>.png`` (every ERF on one colour scale with one colorbar; fitted-Gaussian contours
     and r(t) squares when ``contours``/``squares``), ``<name>_radial.png`` (radial profiles on one axis) and, with

@@ -103,7 +103,8 @@ def test_compare_a_folder_mixes_with_explicit_results(tmp_path):
 def test_score_rows_and_table_formats():
     report = runs._analyze(gaussian_result(sigma=5), bootstrap=0)
     (row,) = tables.scores_table([report], [gaussian_result(sigma=5)])
-    assert row["model"] == "toy" and row["input_size"] == "64×64" and row["weights"] == "architecture probe (active init, seed 0)"
+    assert row["model"] == "toy" and row["input_size"] == "64×64"
+    assert row["weights"] == "architecture probe (active init, seed 0)"  # weights_label, as on the figure panels
     assert row["sigma_major"] == pytest.approx(5, rel=0.1) and row["agd_score"] > 0.9
     rows = [row, dict(row, model="other", agd_score=None, agd_score_ci=[0.5, 0.7])]
     markdown = tables.format_table(rows, "markdown")
