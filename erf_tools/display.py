@@ -54,8 +54,8 @@ def thumbnail_rgb(erf_map: np.ndarray, max_side: int = THUMBNAIL_PX, cmap: str =
         levels, cmap = 0.5 + 0.5 * data / bound, "RdBu_r"
     else:
         peak = float(data.max())
-        scaled = np.log10(np.maximum(data / peak, 10.0 ** -THUMBNAIL_DECADES)) if peak > 0 else np.full_like(data, -3)
-        levels = 1.0 + scaled / THUMBNAIL_DECADES
+        floor = 10.0 ** -THUMBNAIL_DECADES  # an all-zero map is drawn at the floor colour
+        levels = 1.0 + np.log10(np.maximum(data / peak if peak > 0 else data, floor)) / THUMBNAIL_DECADES
     return colormaps[cmap](np.clip(levels, 0.0, 1.0), bytes=True)[..., :3]
 
 
@@ -72,9 +72,12 @@ def result_png(result: Any) -> bytes:
     return _png_bytes(thumbnail_rgb(result.map))
 
 
-def _img_tag(png: bytes, alt: str) -> str:
+def _img_tag(png: bytes, shape: tuple[int, int], alt: str) -> str:
+    """An inline PNG; small maps are shown enlarged by a whole factor (sharp pixels) to about the thumbnail size."""
     data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" style="image-rendering:pixelated"/>'
+    zoom = max(1, THUMBNAIL_PX // max(shape))
+    return (f'<img src="data:image/png;base64,{data}" width="{shape[1] * zoom}" height="{shape[0] * zoom}" '
+            f'alt="{html.escape(alt)}" style="image-rendering:pixelated"/>')
 
 
 def _table(rows: Sequence[tuple[str, str]]) -> str:
@@ -99,7 +102,8 @@ def result_rows(result: Any) -> list[tuple[str, str]]:
 
 def result_html(result: Any) -> str:
     """A thumbnail beside the result's description (``ERFResult._repr_html_``)."""
-    image = _img_tag(result_png(result), f"ERF of {result.model} at {result.target}")
+    rgb = thumbnail_rgb(result.map)
+    image = _img_tag(_png_bytes(rgb), rgb.shape[:2], f"ERF of {result.model} at {result.target}")
     return (f'<div style="display:flex;gap:1em;align-items:flex-start"><div>{image}</div>'
             f"<div><b>ERFResult</b>{_table(result_rows(result))}</div></div>")
 

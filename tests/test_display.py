@@ -68,7 +68,8 @@ def test_result_html_has_a_thumbnail_and_says_what_the_map_is():
     assert '<img src="data:image/png;base64,' in markup
     page = parsed(markup)
     (src,) = page.images
-    assert embedded_png(src).size == (64, 64)  # small maps are shown at their own size
+    assert embedded_png(src).size == (64, 64)  # small maps keep their pixels ...
+    assert 'width="192" height="192"' in markup  # ... shown 3× enlarged, about the thumbnail size
     text = " ".join(page.text)
     for part in ("uniconvnet_t", "stages.3", "64×64 px", "architecture probe (active init, seed 0)", "replknet"):
         assert part in text
