@@ -341,7 +341,8 @@ def plot_erf(
         _draw_squares(ax, _area_squares(area_squares, (height, width)), (height, width))
     centre = result.receptive_field_centre
     if centre is not None:
-        ax.plot([centre[1]], [centre[0]], marker="+", color="#00e5ff", markersize=6, markeredgewidth=0.8)
+        ax.plot([centre[1]], [centre[0]], marker="+", color="#00e5ff", markersize=6, markeredgewidth=0.8,
+                path_effects=list(_LINE_OUTLINE))  # cyan alone vanishes on the bright (pale yellow) peak
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_xticks([])
