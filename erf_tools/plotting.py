@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import colors, patheffects
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse, Rectangle
+from matplotlib.text import Text
 
 from erf_tools.analysis.shape import radial_profile
 from erf_tools.results import ERFResult, atomic_write_bytes
+from erf_tools.weights_choice import weights_label
 
 __all__ = [
     "SCALES", "NORMALISATIONS", "FORMATS", "caption", "describe_weights", "display_map", "colour_norm", "plot_erf",
@@ -53,7 +55,12 @@ FORMATS = ("png", "pdf", "svg")
 DEFAULT_CMAP = "inferno"
 #: σ multiples at which fitted-Gaussian ellipses are drawn.
 CONTOUR_SIGMAS = (1.0, 2.0, 3.0)
-_LABEL_BOX = {"boxstyle": "round,pad=0.25", "facecolor": "black", "alpha": 0.45, "edgecolor": "none"}
+# Labels sit on heatmaps whose colours span the whole colormap (a red r(99 %) label on inferno's orange was
+# unreadable): a near-opaque dark box behind the text and a dark outline around each glyph keep the light label
+# colours readable on any background, and the outline also separates overlay lines from bright map regions.
+_LABEL_BOX = {"boxstyle": "round,pad=0.25", "facecolor": "black", "alpha": 0.72, "edgecolor": "none"}
+_TEXT_OUTLINE = (patheffects.withStroke(linewidth=1.5, foreground="black"),)
+_LINE_OUTLINE = (patheffects.Stroke(linewidth=2.0, foreground="black", alpha=0.6), patheffects.Normal())
 _SQUARE_COLOURS = ("#4dd0e1", "#81c784", "#fff176", "#e57373", "#ba68c8")
 
 
@@ -254,15 +261,20 @@ def _draw_ellipses(ax: Axes, ellipse: _Ellipse, *, colour: str = "white", label:
         ax.add_patch(Ellipse(
             (ellipse.centre[1], ellipse.centre[0]), 2 * k * ellipse.sigma_major, 2 * k * ellipse.sigma_minor,
             angle=math.degrees(ellipse.theta), fill=False, edgecolor=colour, linestyle=style, linewidth=0.9,
-            alpha=0.9,
+            alpha=0.9, path_effects=list(_LINE_OUTLINE),
         ))
     if label:
         if ellipse.ok:
             text = f"Gaussian fit 1/2/3σ\nσ = {ellipse.sigma_major:.1f} / {ellipse.sigma_minor:.1f} px"
         else:  # agd-metrics.md §1.1: never report σ of a flagged fit as an ERF size
             text = "Gaussian fit flagged (dashed):\nσ is not an ERF size"
-        ax.text(0.02, 0.02, text, transform=ax.transAxes, color=colour, fontsize=6, va="bottom", ha="left",
-                bbox=_LABEL_BOX)
+        _label(ax, (0.02, 0.02), text, colour, va="bottom", ha="left")
+
+
+def _label(ax: Axes, where: tuple[float, float], text: str, colour: str, **alignment: Any) -> Text:
+    """A small overlay label at axes fraction ``where``, readable on any map colour (dark box and outline)."""
+    return ax.text(*where, text, transform=ax.transAxes, color=colour, fontsize=6, bbox=_LABEL_BOX,
+                   path_effects=list(_TEXT_OUTLINE), **alignment)
 
 
 def _draw_squares(ax: Axes, squares: Sequence[_Square], shape: tuple[int, int]) -> None:
@@ -271,12 +283,12 @@ def _draw_squares(ax: Axes, squares: Sequence[_Square], shape: tuple[int, int]) 
         colour = _SQUARE_COLOURS[index % len(_SQUARE_COLOURS)]
         half = square.side / 2
         ax.add_patch(Rectangle((square.centre[1] - half, square.centre[0] - half), square.side, square.side,
-                               fill=False, edgecolor=colour, linewidth=0.9,
+                               fill=False, edgecolor=colour, linewidth=0.9, path_effects=list(_LINE_OUTLINE),
                                label=f"r({square.threshold * 100:g} %)"))
     for index, square in enumerate(squares):
-        ax.text(0.98, 0.98 - 0.07 * index, f"r({square.threshold * 100:g} %) = {100 * square.side ** 2 / area:.2f} %",
-                transform=ax.transAxes, color=_SQUARE_COLOURS[index % len(_SQUARE_COLOURS)], fontsize=6, va="top",
-                ha="right", bbox=_LABEL_BOX)
+        _label(ax, (0.98, 0.98 - 0.07 * index),
+               f"r({square.threshold * 100:g} %) = {100 * square.side ** 2 / area:.2f} %",
+               _SQUARE_COLOURS[index % len(_SQUARE_COLOURS)], va="top", ha="right")
 
 
 # ------------------------------------------------------------------------------------------------------------ panels
@@ -329,7 +341,8 @@ def plot_erf(
         _draw_squares(ax, _area_squares(area_squares, (height, width)), (height, width))
     centre = result.receptive_field_centre
     if centre is not None:
-        ax.plot([centre[1]], [centre[0]], marker="+", color="#00e5ff", markersize=6, markeredgewidth=0.8)
+        ax.plot([centre[1]], [centre[0]], marker="+", color="#00e5ff", markersize=6, markeredgewidth=0.8,
+                path_effects=list(_LINE_OUTLINE))  # cyan alone vanishes on the bright (pale yellow) peak
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_xticks([])
@@ -395,8 +408,10 @@ def compare_figure(
 
     Each map is normalised (``normalise``), then one norm spanning the largest value of all panels is used by
     every panel, so equal colours mean equal values across models. ``contours`` / ``squares`` draw the fitted
-    Gaussian and r(t) squares from ``reports`` (one per result). The suptitle states protocol, input size, image
-    count and weights (:func:`caption`).
+    Gaussian and r(t) squares from ``reports`` (one per result). Each panel's title names its model, AGD score and
+    weights (:func:`erf_tools.weights_choice.weights_label`), so a panel cut out of the figure still says whether it
+    is a trained network or a probe; the suptitle states protocol, input size, image count and weights
+    (:func:`caption`).
     """
     results = list(results)
     if not results:
@@ -430,7 +445,13 @@ def _panel_title(result: ERFResult, results: Sequence[ERFResult], report: Any) -
     score = _get(report, "agd_score", default=None) if report is not None else None
     if isinstance(score, (int, float)) and math.isfinite(score):
         title += f"\nAGD score {score:.2f}"
-    return title
+    return title + "\n" + _wrap_label(weights_label(result.weights))
+
+
+def _wrap_label(label: str, width: int = 28) -> str:
+    """A weights label on two lines at its parenthesis when it is wider than a panel (about ``width`` chars)."""
+    head, sep, tail = label.partition(" (")
+    return f"{head}\n({tail}" if sep and len(label) > width else label
 
 
 def _wrap(text: str, width: int) -> str:

@@ -67,6 +67,18 @@ class ERFResult:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ARRAY_FIELDS}
         return json.loads(json.dumps(meta, default=_json_default))
 
+    # Jupyter display (a thumbnail and what the map is); the rendering lives in erf_tools.display, imported here so
+    # that loading results never needs matplotlib
+    def _repr_html_(self) -> str:
+        from erf_tools.display import result_html
+
+        return result_html(self)
+
+    def _repr_png_(self) -> bytes:
+        from erf_tools.display import result_png
+
+        return result_png(self)
+
 
 _ARRAY_FIELDS = ("map", "per_image_maps", "map_standard_error")
 

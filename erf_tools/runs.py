@@ -33,7 +33,7 @@ from erf_tools.tables import scores_table, table_format_from_suffix, write_table
 __all__ = [
     "QUICK_SETTINGS", "FULL_PROTOCOL_SETTINGS", "COMMAND_BOOTSTRAP", "MeasureSettings", "MeasureRun", "AnalyzeRun",
     "CompareRun", "MeasurementInterrupted", "measure_settings", "run_measure", "run_analyze", "run_compare",
-    "save_report", "load_report_dict",
+    "save_report", "load_report_dict", "saved_results_in",
 ]
 
 #: Defaults of ``erf measure`` when the protocol's input is larger (chosen by timing UniConvNet-T on 2 cores).
@@ -370,6 +370,33 @@ class CompareRun:
     measured: list[MeasureRun] = field(default_factory=list)
 
 
+def saved_results_in(folder: str | Path) -> list[Path]:
+    """The stems of every saved result in ``folder`` (``<stem>.npz`` beside ``<stem>.json``, as ``erf measure --out``
+    writes them), sorted by name.
+
+    Partial results (``*.partial.npz``, an interrupted run) and atomic-write temporaries (``.name.tmp``) are left out;
+    report files (``<stem>.report.json``) have no ``.npz`` and never match. Raises :class:`ValueError` when there
+    are none, because an empty comparison is always a mistake (a wrong folder, or results not yet written).
+    """
+    folder = Path(folder)
+    stems = sorted(npz.with_suffix("") for npz in folder.glob("*.npz")
+                   if not npz.name.endswith(".partial.npz") and not npz.name.startswith(".")
+                   and npz.with_suffix(".json").is_file())
+    if not stems:
+        raise ValueError(f"the folder {str(folder)!r} holds no saved results (<stem>.npz with <stem>.json, as "
+                         "`erf measure --out FOLDER` writes them)")
+    return stems
+
+
+def _expand_folders(sources: Sequence[str | Path | ERFResult]) -> list[str | Path | ERFResult]:
+    """Each existing folder among ``sources`` replaced by the saved results in it, in place."""
+    expanded: list[str | Path | ERFResult] = []
+    for source in sources:
+        is_folder = not isinstance(source, ERFResult) and Path(source).is_dir()
+        expanded.extend(saved_results_in(source) if is_folder else [source])
+    return expanded
+
+
 def _looks_like_result(source: str | Path) -> bool:
     path = Path(source)
     npz, js = result_paths(path)
@@ -402,9 +429,11 @@ def run_compare(
 ) -> CompareRun:
     """Compare ERFs (the ``erf compare`` command): one figure on a shared colour scale, radial profiles, scores.
 
-    ``sources`` are saved results (paths to ``.npz``/``.json`` or their common stem), loaded results, or model
-    names; model names are measured first with :func:`run_measure` (``measure_options``: ``input_size``,
-    ``num_images``, ``weights``, ``protocol``, ...; results saved into ``out``; ``progress(model, done, total)``).
+    ``sources`` are saved results (paths to ``.npz``/``.json`` or their common stem), folders of saved results
+    (every result in it, see :func:`saved_results_in`), loaded results, or model names; model names are measured
+    first with :func:`run_measure` (``measure_options``: ``input_size``, ``num_images``, ``weights``, ``protocol``,
+    ...; results saved into ``out``; ``progress(model, done, total)``, e.g.
+    :func:`erf_tools.display.notebook_progress` in a notebook).
 
     Writes into ``out``: ``<name>.png`` (every ERF on one colour scale with one colorbar; fitted-Gaussian contours
     and r(t) squares when ``contours``/``squares``), ``<name>_radial.png`` (radial profiles on one axis) and, with
@@ -413,7 +442,7 @@ def run_compare(
     ``table_path`` write the scores table (markdown, csv or json).
     """
     out = Path(out)
-    sources = list(sources)
+    sources = _expand_folders(sources)
     if not sources:
         raise ValueError("nothing to compare: give saved result files or model names")
     loaded: list[ERFResult] = []

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from erf_tools.results import ERFResult, atomic_write_bytes
+from erf_tools.weights_choice import weights_label
 
 __all__ = ["SCORE_COLUMNS", "TABLE_FORMATS", "format_table", "image_count_warning", "format_value", "score_row", "scores_table",
            "table_cells", "table_format_from_suffix", "write_table"]
@@ -62,7 +63,7 @@ def score_row(report: Any, result: ERFResult | None = None) -> dict[str, Any]:
         "input_size": "×".join(str(v) for v in (result.input_size if result is not None else data.get("input_size")
                                                 or ())),
         "num_images": result.num_images if result is not None else data.get("num_images"),
-        "weights": (result.weights or {}).get("source", "") if result is not None else "",
+        "weights": weights_label(result.weights) if result is not None else "",
         "agd_score": _finite(data.get("agd_score")),
         "agd_score_ci": [(_finite(v)) for v in interval] if interval else None,
         "sigma_major": _finite(spread.get("sigma_major")),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,39 @@ def test_compare_table_formats_on_stdout(saved, tmp_path, fmt):
         assert result.stdout.splitlines()[0].startswith("model,target,")
     else:
         assert "| AGD score |" in result.stdout
+
+
+def test_compare_a_folder_compares_every_saved_result_in_it(saved, tmp_path):
+    folder = tmp_path / "runs"
+    shutil.copytree(saved, folder)
+    shutil.copy(saved / "resnet18.npz", folder / "resnet18.partial.npz")  # an interrupted run: not a result
+    code, text, result = invoke("compare", folder, "--table", "json", "--out", tmp_path / "cmp", "--bootstrap", "0")
+    assert code == 0, text
+    rows = json.loads(result.stdout)
+    assert [r["model"] for r in rows] == ["resnet18", "test_resnet"]  # sorted by file name; no report, no partial
+    assert {r["weights"] for r in rows} == {"architecture probe (active init, seed 0)"}
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert [p.name for p in runs.saved_results_in(folder)] == ["resnet18", "test_resnet"]
+
+
+def test_compare_a_folder_without_results_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.json").write_text("{}")
+    code, text, _ = invoke("compare", tmp_path, "--out", tmp_path / "cmp")
+    assert code == 2 and "holds no saved results" in text and "erf measure --out" in text
+    assert "Traceback" not in text
+
+
+def test_compare_table_file_in_a_file_format_is_not_also_printed(saved, tmp_path):
+    code, text, result = invoke("compare", saved / "resnet18", saved / "test_resnet", "--table", "markdown",
+                                "--table-out", tmp_path / "scores.md", "--out", tmp_path, "--bootstrap", "0")
+    assert code == 0, text
+    assert result.stdout == ""  # only the file names, on stderr
+    assert f"wrote {tmp_path / 'scores.md'}" in text and "AGD score" not in text and "| model |" not in text
+    assert (tmp_path / "scores.md").read_text().startswith("| model | target |")
+    code, text, result = invoke("compare", saved / "resnet18", saved / "test_resnet", "--table-out",
+                                tmp_path / "scores.csv", "--out", tmp_path, "--bootstrap", "0")
+    assert code == 0 and "AGD scores" in result.stdout  # --table terminal (default) still shows the table too
+    assert (tmp_path / "scores.csv").read_text().startswith("model,target,")
 
 
 def test_compare_models_with_stages(tmp_path):

@@ -21,5 +21,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # heatmap, comparison, radial profiles, stage grid, custom model
+    markup = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert '<img src="data:image/png;base64,' in markup and "AGD report" in markup  # the reprs of section 8
     text = "".join(o.get("text", "") for o in outputs)
     assert "AGD score" in text and "same map as the in-memory active init: True" in text

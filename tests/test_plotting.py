@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from matplotlib import patheffects
 from matplotlib.image import AxesImage
 from matplotlib.patches import Ellipse, Rectangle
 from PIL import Image
@@ -98,6 +99,28 @@ def test_contours_and_squares_come_from_the_agd_report(tmp_path):
     assert sorted(round(s.get_width()) for s in squares) == sorted(a.side for a in report.area_ratios if a.side)
     with pytest.raises(ValueError, match="reports"):
         plotting.compare_figure([result], contours=True)
+
+
+def test_overlay_labels_have_a_dark_box_and_outline_and_panels_name_their_weights():
+    probe = gaussian_result(sigma=5)
+    trained = gaussian_result("uniconvnet_t", sigma=8, weights={"source": "pretrained",
+                                                                 "file": "uniconvnet_t_1k_224_ema.pth"})
+    reports = [analyze(r, bootstrap=0) for r in (probe, trained)]
+    figure = plotting.compare_figure([probe, trained], reports, contours=True, squares=True)
+    first, second = [ax for ax in figure.axes if ax.get_images()]
+    labels = first.texts
+    assert [t.get_text() for t in labels if t.get_text().startswith("r(99 %)")]  # the once-unreadable label
+    for text in labels:
+        box = text.get_bbox_patch()
+        assert box is not None and box.get_facecolor()[:3] == (0.0, 0.0, 0.0) and box.get_alpha() >= 0.7
+        (outline,) = text.get_path_effects()
+        assert isinstance(outline, patheffects.withStroke)
+    squares = [p for p in first.patches if isinstance(p, Rectangle)]
+    assert squares and all(len(p.get_path_effects()) == 2 for p in squares)  # dark stroke under each line
+    (marker,) = first.get_lines()  # the receptive-field centre
+    assert marker.get_marker() == "+" and len(marker.get_path_effects()) == 2
+    assert first.get_title() == "toy\nAGD score 1.00\narchitecture probe\n(active init, seed 0)"
+    assert second.get_title().endswith("trained\n(uniconvnet_t_1k_224_ema.pth)")
 
 
 def test_erf_figure_pixel_size(tmp_path):

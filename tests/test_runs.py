@@ -83,10 +83,28 @@ def test_compare_results_writes_figures_and_score_rows(tmp_path):
     assert float(rows[0]["agd_score"]) > 0.9  # a Gaussian on a faint floor
 
 
+def test_compare_a_folder_mixes_with_explicit_results(tmp_path):
+    from erf_tools.results import save_result
+
+    folder = tmp_path / "runs"
+    save_result(gaussian_result("b", sigma=9), folder / "b")
+    save_result(gaussian_result("a", sigma=4), folder / "a")
+    save_result(gaussian_result("c", sigma=3), folder / ".hidden")  # an atomic write's leftover name
+    save_result(gaussian_result("d", sigma=3), folder / "d.partial")
+    (folder / "a.report.json").write_text("{}")
+    assert [p.name for p in runs.saved_results_in(folder)] == ["a", "b"]
+    run = runs.run_compare([folder, gaussian_result("e", sigma=6)], out=tmp_path / "cmp", radial=False, bootstrap=0)
+    assert [r.model for r in run.results] == ["a", "b", "e"]
+    assert [row["weights"] for row in run.rows] == ["architecture probe (active init, seed 0)"] * 3
+    with pytest.raises(ValueError, match="holds no saved results"):
+        runs.run_compare([tmp_path / "cmp"], out=tmp_path / "cmp", bootstrap=0)
+
+
 def test_score_rows_and_table_formats():
     report = runs._analyze(gaussian_result(sigma=5), bootstrap=0)
     (row,) = tables.scores_table([report], [gaussian_result(sigma=5)])
-    assert row["model"] == "toy" and row["input_size"] == "64×64" and row["weights"] == "active"
+    assert row["model"] == "toy" and row["input_size"] == "64×64"
+    assert row["weights"] == "architecture probe (active init, seed 0)"  # weights_label, as on the figure panels
     assert row["sigma_major"] == pytest.approx(5, rel=0.1) and row["agd_score"] > 0.9
     rows = [row, dict(row, model="other", agd_score=None, agd_score_ci=[0.5, 0.7])]
     markdown = tables.format_table(rows, "markdown")

@@ -140,6 +140,12 @@ class AGDReport:
             "noise_fit": None if self.noise_fit is None else self.noise_fit.to_dict(),
         })
 
+    def _repr_html_(self) -> str:
+        """The headline table in a notebook (erf_tools.display, imported here: this module stays NumPy/SciPy)."""
+        from erf_tools.display import report_html
+
+        return report_html(self)
+
     def summary(self) -> str:
         """A few lines for a terminal: the headline numbers with their intervals, and the flags."""
 

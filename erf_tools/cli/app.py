@@ -245,7 +245,8 @@ def measure(
 @app.command()
 def compare(
     results: Annotated[Optional[list[str]], typer.Argument(
-        help="Saved results (.npz/.json or their stem).", show_default=False)] = None,
+        help="Saved results (.npz/.json or their stem), or folders of them (every result an `erf measure --out "
+        "FOLDER` wrote there; partial results and reports are skipped).", show_default=False)] = None,
     model: Annotated[Optional[list[str]], typer.Option(
         "--model", "-m", help="Model to measure and compare; repeat for several.")] = None,
     scale: ScaleOpt = Scale.log,
@@ -255,8 +256,10 @@ def compare(
     squares: Annotated[bool, typer.Option("--squares", help="Draw RepLKNet's r(t) squares.")] = False,
     stages: Annotated[bool, typer.Option("--stages", help="Also draw per-stage grids (models are measured at every "
                                          "stage).")] = False,
-    table: Annotated[TableFormat, typer.Option("--table", help="Scores table format.")] = TableFormat.terminal,
-    table_out: Annotated[Optional[Path], typer.Option("--table-out", help="Write the table to this file.")] = None,
+    table: Annotated[TableFormat, typer.Option("--table", help="Scores table format (with --table-out: the file's; "
+                                               "only 'terminal' then also prints the table).")] = TableFormat.terminal,
+    table_out: Annotated[Optional[Path], typer.Option(
+        "--table-out", help="Write the table to this file (format from --table, else from the suffix).")] = None,
     name: Annotated[str, typer.Option("--name", help="Stem of the figure files.")] = "compare",
     title: Annotated[str, typer.Option("--title", help="Figure title.")] = "Effective receptive fields",
     out: Out = Path("erf-results"),
@@ -273,7 +276,10 @@ def compare(
     seed: Seed = 0,
     bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
 ) -> None:
-    """Compare ERFs on one colour scale: figure, radial profiles, per-stage grids and a scores table."""
+    """Compare ERFs on one colour scale: figure, radial profiles, per-stage grids and a scores table.
+
+    `erf compare erf-results/` compares every result saved in a folder; files, folders and --model mix freely.
+    """
     formats = _formats(format)
     sources = list(results or []) + list(model or [])
     if not sources:
@@ -296,9 +302,11 @@ def compare(
                 bootstrap=bootstrap, progress=progress, title=title, images=images, num_images=num_images,
                 input_size=size, full_protocol=full_protocol, protocol=protocol.value, weights=weights,
                 batch_size=_batch_size(batch_size), device=device, seed=seed, fast=fast)
-    if table is TableFormat.terminal or table_out is not None:
+    # a file format given with --table-out goes to the file only: printing it too would flood the terminal with
+    # markdown/csv/json; --table terminal (the default) keeps the readable table on screen beside the file
+    if table is TableFormat.terminal:
         render.scores_table(run.rows)
-    else:
+    elif table_out is None:
         render.plain(tables.format_table(run.rows, table.value))
     render.files([p for paths in run.figures.values() for p in paths])
     if run.table_path is not None:
