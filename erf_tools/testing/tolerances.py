@@ -45,7 +45,7 @@ REPORT_PATHS: dict[str, tuple[str, ...]] = {
     "agd_score": ("agd_score",),
     "sigma_major": ("spread", "sigma_major"),
     "sigma_minor": ("spread", "sigma_minor"),
-    "r_squared": ("fit", "r_squared"),
+    "r_squared": ("r_squared",),  # noise-corrected, like its interval; the fit's own is r_squared_raw
     "beta2": ("shape", "mardia_kurtosis"),
     "fit_sigma_major": ("fit", "sigma_major"),  # the fit's own σ in map pixels, also when the fit is flagged
     "fit_sigma_minor": ("fit", "sigma_minor"),
