@@ -44,6 +44,7 @@ from erf_tools.results import ERFResult, atomic_write_bytes
 from erf_tools.weights_choice import weights_label
 
 __all__ = [
+    "score_footer",
     "SCALES", "NORMALISATIONS", "FORMATS", "caption", "describe_weights", "display_map", "colour_norm", "plot_erf",
     "erf_figure", "compare_figure", "radial_profiles", "radial_profile_figure", "stage_grid",
     "save_figure",
@@ -386,7 +387,26 @@ def erf_figure(
                      title=f"{result.model} — {result.target}")
     _colorbar(figure, image, ax, scale, normalise, 0.85)
     figure.suptitle(_wrap(caption(result), 60), fontsize=7)
+    if report is not None:
+        figure.text(0.02, 0.01, _wrap(score_footer(report, result), 95), fontsize=5.5, va="bottom",
+                    color="0.25")
     return figure
+
+
+def score_footer(report: Any, result: ERFResult) -> str:
+    """The figure's last line: the AGD score with its interval and image count, and a warning in words when the map
+    rests on fewer images than it needs (:func:`erf_tools.tables.image_count_warning`)."""
+    from erf_tools.tables import image_count_warning
+
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    interval = (data.get("confidence_intervals") or {}).get("agd_score")
+    score = data.get("agd_score")
+    text = f"AGD score {score:.3f}" if isinstance(score, (int, float)) and np.isfinite(score) else "AGD score –"
+    if interval and None not in interval:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    text += f" from {result.num_images} images"
+    warning = image_count_warning(report, result)
+    return text + (f" · {warning}" if warning else "")
 
 
 def compare_figure(

@@ -171,3 +171,10 @@ def test_bad_inputs_are_refused(results):
         plotting.compare_figure(results, scale="sqrt")
     with pytest.raises(ValueError, match="at least one"):
         plotting.compare_figure([])
+
+
+def test_heatmap_footer_states_the_interval_and_warns_about_too_few_images():
+    result = gaussian_result(sigma=6.0)
+    report = analyze(result, bootstrap=20)
+    text = plotting.score_footer(report, result)
+    assert text.startswith(f"AGD score {report.agd_score:.3f}") and f"from {result.num_images} images" in text

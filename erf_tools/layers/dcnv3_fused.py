@@ -18,6 +18,7 @@ applies, else the reference; ``fused``: fused, an error if it cannot be built; `
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -116,7 +117,14 @@ def load_extension() -> None:
 def _build() -> None:
     if not SOURCE.is_file():
         raise FileNotFoundError(f"missing kernel source {SOURCE.name}")
-    from torch.utils.cpp_extension import load
+    # importing cpp_extension logs a CUDA_HOME notice on machines without CUDA: irrelevant to a CPU-only kernel
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_logger.setLevel(level)
 
     capability, isa_flags = _instruction_set()
     load(name=f"{EXTENSION_NAME}_{capability}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
