@@ -10,18 +10,23 @@ import torch
 
 from erf_tools.protocols import ERFOptions
 
-__all__ = ["apply_sign", "centre_objective", "objective_is_blind", "per_sample_maps"]
+__all__ = ["apply_sign", "centre_activations", "centre_objective", "objective_is_blind", "per_sample_maps"]
 
 
-def centre_objective(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions) -> torch.Tensor:
-    """The scalar whose input gradient is the ERF: Σ_b reduce_c(act(F[b, c, i, j])) over the selected channels."""
+def centre_activations(features: torch.Tensor, unit: tuple[int, int],
+                       options: ERFOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B×C activations at the centre unit after the channel selection and activation, their per-sample reduction)."""
     centre = features[:, :, unit[0], unit[1]].float()
     if options.channels is not None:
         centre = centre[:, list(options.channels)]
     if options.activation == "relu":
         centre = torch.relu(centre)
-    per_sample = centre.sum(dim=1) if options.channel_reduction == "sum" else centre.mean(dim=1)
-    return per_sample.sum()
+    return centre, centre.sum(dim=1) if options.channel_reduction == "sum" else centre.mean(dim=1)
+
+
+def centre_objective(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions) -> torch.Tensor:
+    """The scalar whose input gradient is the ERF: Σ_b reduce_c(act(F[b, c, i, j])) over the selected channels."""
+    return centre_activations(features, unit, options)[1].sum()
 
 
 def objective_is_blind(features: torch.Tensor, unit: tuple[int, int], options: ERFOptions,
@@ -30,12 +35,7 @@ def objective_is_blind(features: torch.Tensor, unit: tuple[int, int], options: E
     channel mean of a LayerNorm output with weight 1 and bias 0, identically 0 in exact arithmetic): its input
     gradient is then rounding noise, not an ERF."""
     with torch.no_grad():
-        centre = features[:, :, unit[0], unit[1]].float()
-        if options.channels is not None:
-            centre = centre[:, list(options.channels)]
-        if options.activation == "relu":
-            centre = torch.relu(centre)
-        per_sample = centre.sum(dim=1) if options.channel_reduction == "sum" else centre.mean(dim=1)
+        centre, per_sample = centre_activations(features, unit, options)
         scale = float(centre.abs().mean()) if centre.numel() else 0.0
         return scale > 0 and float(per_sample.abs().max()) <= relative * scale
 

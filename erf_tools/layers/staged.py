@@ -16,10 +16,11 @@ override:
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ["NUM_STAGES", "PrunableStagedBackbone", "StagedBackbone"]
+__all__ = ["NUM_STAGES", "MeanNormHeadBackbone", "PrunableStagedBackbone", "StagedBackbone", "convnext_init"]
 
 #: Every family here has a stem + 3 downsamplers and four stages; pruning below the last one also drops the head.
 NUM_STAGES = 4
@@ -126,3 +127,35 @@ class PrunableStagedBackbone(StagedBackbone):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.reset_classifier(0, "")
         return take_indices
+
+
+class MeanNormHeadBackbone(PrunableStagedBackbone):
+    """A staged backbone with ConvNeXt's head: spatial mean, a norm on the pooled vector (``norm``), dropout
+    (``head_drop``), the classifier (``head``). ParC-ConvNeXt, SLaK and UniRepLKNet share it; the ERF target is the
+    ``stages[3]`` output that :meth:`forward_features` returns."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``stages[3]`` output (N, C3, H/32, W/32), before the mean, the final norm and the head."""
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Spatial mean, final norm, classifier (the official ``forward_features`` + ``head``)."""
+        if self.global_pool == "avg":
+            x = x.mean((-2, -1))
+        x = self.head_drop(self.norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def convnext_init(module: nn.Module) -> None:
+    """ConvNeXt's official init (also SLaK's, UniRepLKNet's and ParC-ConvNeXt's): trunc_normal(std 0.02) for every
+    Conv2d/Linear weight, the large kernels included, and zero biases; meta tensors (shapes only) are skipped."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+

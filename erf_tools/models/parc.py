@@ -31,13 +31,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, LayerNorm2d, create_classifier, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, LayerNorm2d, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from erf_tools.layers.parc import ParC, ParCPath
-from erf_tools.layers.staged import PrunableStagedBackbone
+from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
 from erf_tools.models.common import unwrap_checkpoint
 
 __all__ = ["ParCConvNeXt", "ParCResNet", "checkpoint_filter_fn"]
@@ -96,7 +96,7 @@ class ParCConvNeXtBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
 
-class ParCConvNeXt(PrunableStagedBackbone):
+class ParCConvNeXt(MeanNormHeadBackbone):
     """ParC-ConvNeXt (official ``ParC_ConvNeXt``): ConvNeXt with ParC blocks in the last third of stages 3 and 4.
 
     Stage i's blocks with index ≥ ``ParC_insert_locs[i]`` are ParC blocks with meta kernel ``stages_rs[i]`` (the
@@ -165,34 +165,10 @@ class ParCConvNeXt(PrunableStagedBackbone):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(_init_weights_convnext)
+        self.apply(convnext_init)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``stages[3]`` output, (N, C3, H/32, W/32): the ERF target map."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Spatial mean → final ``norm`` → classifier, as in the official ``forward_features`` + ``head``."""
-        if self.global_pool == "avg":
-            x = x.mean((-2, -1))
-        x = self.head_drop(self.norm(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights_convnext(module: nn.Module) -> None:
-    """Official ConvNeXt init: trunc_normal(0.02) for every Conv2d/Linear weight (ParC kernels included), zero bias."""
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:  # meta: shapes only, no values
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

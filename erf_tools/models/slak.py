@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.layers.staged import PrunableStagedBackbone
+from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
 from erf_tools.layers.reparam import bn_from_state_dict, fold_bn, merge_kernels
 from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, FftMode, check_fft_mode, fft_depthwise_conv2d
 
@@ -191,7 +191,7 @@ class SLaKBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-class SLaK(PrunableStagedBackbone):
+class SLaK(MeanNormHeadBackbone):
     """SLaK: ConvNeXt layout (4x4/4 stem, LN + 2x2/2 downsamplers, four stages) with :class:`SLaKBlock` s.
 
     Constructor arguments keep the official names (``kernel_size``, ``width_factor``, ``Decom``, ``bn``), so the
@@ -269,7 +269,7 @@ class SLaK(PrunableStagedBackbone):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(_init_weights)
+        self.apply(convnext_init)
         if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
@@ -297,30 +297,6 @@ class SLaK(PrunableStagedBackbone):
         check_fft_mode(enable)
         for module in self._large_kernels():
             module.fft = enable
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``stages[3]`` output (N, C3, H/32, W/32), before the mean, the final LayerNorm and the head."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Spatial mean, final LayerNorm, classifier: the official ``forward_features`` + ``head``."""
-        if self.global_pool == "avg":
-            x = x.mean((-2, -1))
-        x = self.head_drop(self.norm(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Official init: trunc_normal(std 0.02) for every Conv2d/Linear weight (the large kernels too), zero biases."""
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:  # meta: shapes only
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def merge_state_dict(state_dict: Mapping[str, torch.Tensor], eps: float = 1e-5) -> dict[str, torch.Tensor]:

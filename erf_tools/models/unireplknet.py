@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.layers.staged import PrunableStagedBackbone
+from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
 from erf_tools.layers.reparam import bn_from_state_dict, dilated_to_dense, fold_bn, merge_kernels
 
 __all__ = [
@@ -312,7 +312,7 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
         nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), LayerNorm2d(dim, eps=NORM_EPS))
 
 
-class UniRepLKNet(PrunableStagedBackbone):
+class UniRepLKNet(MeanNormHeadBackbone):
     """UniRepLKNet: a stride-4 stem, 3x3/s2 conv + LN downsamplers and four stages of :class:`UniRepLKNetBlock`.
 
     Args (official names):
@@ -388,7 +388,7 @@ class UniRepLKNet(PrunableStagedBackbone):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(_init_weights)
+        self.apply(convnext_init)
         if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
@@ -418,30 +418,6 @@ class UniRepLKNet(PrunableStagedBackbone):
     def is_merged(self) -> bool:
         """Whether every block is in the deploy layout."""
         return all(block.merged for block in self._blocks())
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``stages[3]`` output (N, C3, H/32, W/32), before the mean, the final LayerNorm and the head."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Spatial mean, final LayerNorm, classifier (the official ``forward`` after the stages)."""
-        if self.global_pool == "avg":
-            x = x.mean((-2, -1))
-        x = self.head_drop(self.norm(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Official init: trunc_normal(std 0.02) for every Conv2d/Linear weight, zero biases (GRN γ, β start at 0)."""
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:  # meta: shapes only
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 _BLOCK_KEY = re.compile(r"^(stages\.\d+\.\d+)\.(.+)$")
