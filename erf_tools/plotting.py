@@ -464,8 +464,16 @@ def _panel_title(result: ERFResult, results: Sequence[ERFResult], report: Any) -
     title = _title(result, with_target=same_model)
     score = _get(report, "agd_score", default=None) if report is not None else None
     if isinstance(score, (int, float)) and math.isfinite(score):
-        title += f"\nAGD score {score:.2f}"
+        title += f"\nAGD score {score:.2f}" + _interval_text(report)
     return title + "\n" + _wrap_label(weights_label(result.weights))
+
+
+def _interval_text(report: Any) -> str:
+    """`` [lo, hi]``: the AGD score's bootstrap interval, so a panel shows how noisy its score is ("" without one)."""
+    interval = (_get(report, "confidence_intervals", default=None) or {}).get("agd_score")
+    if not interval or any(v is None or not math.isfinite(v) for v in interval):
+        return ""
+    return f" [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def _wrap_label(label: str, width: int = 28) -> str:

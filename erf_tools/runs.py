@@ -237,7 +237,7 @@ def _write_report_and_heatmap(result: ERFResult, report: Any, stem: Path, format
 def run_measure(
     model: str,
     *,
-    images: str | Path = "sample",
+    images: str | Path | None = None,
     num_images: int | None = None,
     input_size: int | None = None,
     protocol: str = "replknet",
@@ -268,7 +268,8 @@ def run_measure(
     Ctrl-C the images done so far are kept there and :class:`MeasurementInterrupted` is raised. ``resume=True``
     continues from that file (same settings required) instead of starting over.
 
-    Parameters not listed are those of :func:`erf_tools.measure_erf` (``**options`` are ERF options such as
+    ``images`` defaults to ``settings.images`` when ``settings`` is given, else ``"sample"``. Parameters not listed
+    are those of :func:`erf_tools.measure_erf` (``**options`` are ERF options such as
     ``gradient="abs"``). ``input_size``/``num_images`` default to :data:`QUICK_SETTINGS` or, with
     ``full_protocol=True``, to the protocol's own values (see :func:`measure_settings`).
 
@@ -277,6 +278,8 @@ def run_measure(
     >>> run = run_measure("resnet18", input_size=64, num_images=2, out=tmp_path)   # doctest: +SKIP
     >>> run.report.agd_score                                                        # doctest: +SKIP
     """
+    # the images default to those of ``settings`` (a script passing only settings measured "sample" otherwise)
+    images = images if images is not None else (settings.images if settings is not None else "sample")
     settings = settings or measure_settings(
         model, protocol=protocol, input_size=input_size, num_images=num_images, images=str(images), weights=weights,
         targets=targets, batch_size=batch_size, device=device, precision=precision, seed=seed,
