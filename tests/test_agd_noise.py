@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from erf_tools.analysis import analyze, fit_gaussian, gaussian_2d
-from erf_tools.analysis.gaussian_fit import fit_gaussian_weighted
+from erf_tools.analysis.weighted_fit import fit_gaussian_weighted
 from erf_tools.analysis.noise import estimate_map_noise
 from erf_tools.analysis.noise_free import (expected_positive_part, expected_sqrt_positive, noise_free_agd,
                                            noise_free_r_squared)

@@ -5,6 +5,7 @@ One module per concern (functions first, the report is built from them):
 * :mod:`.maps` — validation, floor estimation/removal, normalisation, block reduction;
 * :mod:`.moments` — centre of mass, covariance, moment ellipse;
 * :mod:`.gaussian_fit` — full-covariance Gaussian fit with offset; Kim et al. / OpenERF-compatible fit;
+* :mod:`.weighted_fit` — the same fit weighted by the per-pixel standard errors, with its χ² against the noise;
 * :mod:`.shape` — AGD score (Hellinger), Mardia kurtosis, generalised-Gaussian exponent β, radial monotonicity;
 * :mod:`.area` — RepLKNet area ratio r(t), rank area, effective area, radial mass;
 * :mod:`.checkerboard` — Kim et al. L1/L2 imbalance indices;
@@ -18,8 +19,8 @@ Nothing here imports torch or the models.
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, EffectiveArea, area_ratio, effective_area,
                    mass_radius, radial_cumulative_mass, rank_area, rank_area_sorted)
 from .checkerboard import checkerboard_indices
-from .gaussian_fit import (FAILURE_FLAGS, GaussianFit, KimFit, WeightedGaussianFit, fit_gaussian, fit_gaussian_kim,
-                           fit_gaussian_weighted, gaussian_2d, r_squared)
+from .gaussian_fit import FAILURE_FLAGS, GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, gaussian_2d, r_squared
+from .weighted_fit import WeightedGaussianFit, fit_gaussian_weighted
 from .maps import block_reduce, check_distribution, check_map, estimate_floor, normalise, remove_floor
 from .moments import (Moments, argmax_position, centre_of_mass, covariance, covariance_from_ellipse,
                       ellipse_from_covariance, image_moments)

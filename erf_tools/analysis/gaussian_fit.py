@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import least_squares
-from scipy.stats import chi2 as chi2_distribution
 
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
 from .moments import (EllipseSize, argmax_position, covariance_from_ellipse, ellipse_from_covariance,
@@ -29,13 +28,16 @@ from .moments import (EllipseSize, argmax_position, covariance_from_ellipse, ell
 
 __all__ = [
     "GaussianFit",
+    "cov_from_params",
+    "failure_flags",
+    "gaussian_model",
+    "params_from_cov",
+    "params_from_ellipse",
     "KimFit",
     "FAILURE_FLAGS",
     "gaussian_2d",
     "fit_gaussian",
     "fit_gaussian_kim",
-    "fit_gaussian_weighted",
-    "WeightedGaussianFit",
     "r_squared",
 ]
 
@@ -139,8 +141,8 @@ def gaussian_2d(shape: tuple[int, int], centre: tuple[float, float], sigma_major
         raise ValueError(f"shape must be positive, got {shape}")
     if not (sigma_major > 0 and sigma_minor > 0 and np.isfinite(sigma_major) and np.isfinite(sigma_minor)):
         raise ValueError(f"sigmas must be positive and finite, got {sigma_major}, {sigma_minor}")
-    params = _params_from_ellipse(amplitude, offset, centre, sigma_major, sigma_minor, theta)
-    return _model(params, np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64))
+    params = params_from_ellipse(amplitude, offset, centre, sigma_major, sigma_minor, theta)
+    return gaussian_model(params, np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64))
 
 
 def r_squared(data: np.ndarray, model: np.ndarray) -> float:
@@ -158,12 +160,12 @@ def r_squared(data: np.ndarray, model: np.ndarray) -> float:
 #   m = A·exp(−q/2) + b
 
 
-def _params_from_ellipse(amplitude, offset, centre, sigma_major, sigma_minor, theta) -> np.ndarray:
+def params_from_ellipse(amplitude, offset, centre, sigma_major, sigma_minor, theta) -> np.ndarray:
     cov_yx = covariance_from_ellipse(sigma_major, sigma_minor, theta)
-    return _params_from_cov(amplitude, offset, centre, cov_yx)
+    return params_from_cov(amplitude, offset, centre, cov_yx)
 
 
-def _params_from_cov(amplitude, offset, centre, cov_yx) -> np.ndarray:
+def params_from_cov(amplitude, offset, centre, cov_yx) -> np.ndarray:
     syy, syx, sxx = cov_yx[0, 0], cov_yx[0, 1], cov_yx[1, 1]
     det = sxx * syy - syx * syx
     pxx, pxy, pyy = syy / det, -syx / det, sxx / det
@@ -173,7 +175,7 @@ def _params_from_cov(amplitude, offset, centre, cov_yx) -> np.ndarray:
     return np.array([amplitude, offset, centre[0], centre[1], np.log(a), c, np.log(e)], dtype=np.float64)
 
 
-def _cov_from_params(p: np.ndarray) -> np.ndarray:
+def cov_from_params(p: np.ndarray) -> np.ndarray:
     a, c, e = np.exp(p[4]), p[5], np.exp(p[6])
     pxx, pxy, pyy = a * a, a * c, c * c + e * e
     det = pxx * pyy - pxy * pxy
@@ -181,7 +183,7 @@ def _cov_from_params(p: np.ndarray) -> np.ndarray:
     return np.array([[syy, sxy], [sxy, sxx]])
 
 
-def _model(p, ys, xs, *, jacobian: bool = False):
+def gaussian_model(p, ys, xs, *, jacobian: bool = False):
     amp, off, my, mx = p[0], p[1], p[2], p[3]
     a, c, e = np.exp(p[4]), p[5], np.exp(p[6])
     dy = (ys - my)[:, None]
@@ -229,10 +231,10 @@ def _lm_free(p0, data, ys, xs, max_nfev, *, fix_offset):
         return p
 
     def fun(q):
-        return (_model(full(q), ys, xs) - data).ravel()
+        return (gaussian_model(full(q), ys, xs) - data).ravel()
 
     def jac(q):
-        return _model(full(q), ys, xs, jacobian=True)[1][:, free]
+        return gaussian_model(full(q), ys, xs, jacobian=True)[1][:, free]
 
     q0 = p0[free]
     if data.size < q0.size:  # LM needs at least as many residuals as parameters
@@ -256,7 +258,7 @@ def _half_max_sigma(image: np.ndarray, floor: float) -> float:
     return float(np.sqrt(count / np.pi) / np.sqrt(2 * np.log(2)))
 
 
-def _failure_flags(amplitude, centre, major, minor, r2, shape, r2_threshold) -> list[str]:
+def failure_flags(amplitude, centre, major, minor, r2, shape, r2_threshold) -> list[str]:
     flags = []
     height, width = shape
     if not amplitude > 0:
@@ -336,7 +338,7 @@ def fit_gaussian(image, *, floor: float | None = None, init: GaussianFit | None 
 
     # Initial moments, start centres and widths.
     if init is not None and np.isfinite(init.sigma_major) and init.sigma_minor > 0:
-        starts = [_params_from_ellipse(init.amplitude / scale, init.offset / scale, init.centre,
+        starts = [params_from_ellipse(init.amplitude / scale, init.offset / scale, init.centre,
                                        init.sigma_major, init.sigma_minor, init.theta)]
         centre0 = init.centre
         major0, minor0 = init.sigma_major, init.sigma_minor
@@ -359,7 +361,7 @@ def fit_gaussian(image, *, floor: float | None = None, init: GaussianFit | None 
             if np.isfinite(half_max) and half_max > 0:
                 start_covs.append(np.eye(2) * half_max**2)
             minor0 = min(minor0, half_max) if np.isfinite(half_max) and half_max > 0 else minor0
-        starts = [_params_from_cov(amp0, floor_value, c, s) for c in _unique(start_centres) for s in start_covs]
+        starts = [params_from_cov(amp0, floor_value, c, s) for c in _unique(start_centres) for s in start_covs]
 
     # Window and block factors.
     half = max(window_sigmas * major0, 16.0)
@@ -413,16 +415,16 @@ def fit_gaussian(image, *, floor: float | None = None, init: GaussianFit | None 
         block = fine
 
     flags = [] if converged else ["not_converged"]
-    cov = _cov_from_params(p)
+    cov = cov_from_params(p)
     major, minor, theta = ellipse_from_covariance(cov)
     if not np.all(np.isfinite(p)) or not np.all(np.isfinite(cov)):
         return _failed_fit(shape, ["not_converged"], floor=floor_value * scale)
     centre = (float(p[2]), float(p[3]))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        model = _model(p, np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64))
+        model = gaussian_model(p, np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64))
     r2 = r_squared(work, model)
     rmse = float(np.sqrt(np.mean((work - model) ** 2))) * scale
-    flags += _failure_flags(p[0], centre, major, minor, r2, shape, r_squared_threshold)
+    flags += failure_flags(p[0], centre, major, minor, r2, shape, r_squared_threshold)
     return GaussianFit(amplitude=float(p[0]) * scale, offset=float(p[1]) * scale, centre=centre, sigma_major=major,
                        sigma_minor=minor, theta=theta, r_squared=r2, rmse=rmse, converged=converged,
                        flags=tuple(dict.fromkeys(flags)), nfev=total_nfev, block=block, window=(y0, y1, x0, x1),
@@ -441,146 +443,24 @@ def _convolve_params(p: np.ndarray, added: float) -> np.ndarray:
     """The Gaussian after a box blur adding ``added`` to the variance along every axis (mass preserved)."""
     if added <= 0:
         return p
-    cov = _cov_from_params(p)
+    cov = cov_from_params(p)
     blurred = cov + added * np.eye(2)
     amp = p[0] * np.sqrt(np.linalg.det(cov) / np.linalg.det(blurred))
-    return _params_from_cov(amp, p[1], (p[2], p[3]), blurred)
+    return params_from_cov(amp, p[1], (p[2], p[3]), blurred)
 
 
 def _deconvolve_params(p: np.ndarray, added: float) -> np.ndarray:
     """Inverse of :func:`_convolve_params`; eigenvalues that would drop below 0.05 px² are clipped there."""
     if added <= 0:
         return p
-    cov = _cov_from_params(p)
+    cov = cov_from_params(p)
     values, vectors = np.linalg.eigh(cov - added * np.eye(2))
     sharp = (vectors * np.maximum(values, 0.05)) @ vectors.T
     amp = p[0] * np.sqrt(np.linalg.det(cov) / np.linalg.det(sharp))
-    return _params_from_cov(amp, p[1], (p[2], p[3]), sharp)
+    return params_from_cov(amp, p[1], (p[2], p[3]), sharp)
 
 
 # --- weighted (noise-aware) fit ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightedGaussianFit:
-    """Result of :func:`fit_gaussian_weighted`: the weighted fit and its goodness of fit against the pixel noise.
-
-    ``chi2`` = Σ ((M − m)/s)² over the map, ``dof`` = pixels − 7, ``p_value`` = P(χ²_dof ≥ chi2): small means the
-    Gaussian does not explain the map within its noise. ``standard_error_floor`` is the smallest s used (pixels with
-    zero sample variance get it).
-    """
-
-    fit: GaussianFit
-    chi2: float
-    dof: int
-    p_value: float
-    standard_error_floor: float
-
-    @property
-    def chi2_per_dof(self) -> float:
-        return self.chi2 / self.dof if self.dof > 0 else float("nan")
-
-    def to_dict(self) -> dict:
-        out = self.fit.to_dict()
-        out.update({"chi2": self.chi2, "dof": self.dof, "chi2_per_dof": self.chi2_per_dof, "p_value": self.p_value,
-                    "standard_error_floor": self.standard_error_floor,
-                    "gaussian_within_noise": bool(self.p_value >= 0.05) if np.isfinite(self.p_value) else None})
-        return out
-
-
-def fit_gaussian_weighted(image, standard_error, init: GaussianFit, *, max_side: int = 256,
-                          max_nfev: int = 100, r_squared_threshold: float = 0.5,
-                          variance_dof: int | None = None) -> WeightedGaussianFit:
-    """Weighted least-squares fit of ``A·exp(−½ (x−μ)ᵀ Σ⁻¹ (x−μ)) + b`` with weights 1/s², started from ``init``.
-
-    Parameters
-    ----------
-    image : array_like, shape (H, W)
-        The map.
-    standard_error : array_like, shape (H, W)
-        Standard error of each pixel. Values below a floor (0.1 × the median positive s) are raised to it, so that
-        pixels where every image was 0 do not get infinite weight.
-    init : GaussianFit
-        Start (normally the unweighted fit of the same map).
-    max_side : int
-        Fitted on block means no larger than this per side (block s = √Σs²/f², pixels independent); χ² is always
-        computed on the full map.
-    variance_dof : int, optional
-        Degrees of freedom ν of the variances behind ``standard_error`` (N − 1 for N images). A residual divided by an
-        estimated s has E[(r/ŝ)²] = ν/(ν − 2), so χ² is multiplied by (ν − 2)/ν (ν > 2) before the p-value.
-
-    Returns
-    -------
-    WeightedGaussianFit
-        NaN χ² when ``init`` has no finite parameters.
-    """
-    data = check_map(image)
-    s = np.asarray(standard_error, dtype=np.float64)
-    if s.shape != data.shape or not np.all(np.isfinite(s)) or s.min() < 0:
-        raise ValueError("standard_error must be a finite, non-negative array of the map's shape")
-    positive = s[s > 0]
-    floor = 0.1 * float(np.median(positive)) if positive.size else 0.0
-    nan = float("nan")
-    dof = int(data.size - 7)
-    if not floor > 0 or not (np.isfinite(init.sigma_major) and init.sigma_minor > 0 and np.isfinite(init.amplitude)):
-        return WeightedGaussianFit(init, nan, dof, nan, floor)
-    s_eff = np.maximum(s, floor)
-    scale = float(np.max(np.abs(data)))
-    work, s_work = data / scale, s_eff / scale
-    f = max(1, int(np.ceil(max(data.shape) / max_side)))
-    reduced = block_reduce(work, f) if f > 1 else work
-    s_reduced = np.sqrt(block_reduce(s_work**2, f, how="sum")) / f**2 if f > 1 else s_work
-    ys = np.arange(reduced.shape[0], dtype=np.float64)
-    xs = np.arange(reduced.shape[1], dtype=np.float64)
-    added = (f * f - 1) / 12.0
-    p0 = _params_from_ellipse(init.amplitude / scale, init.offset / scale,
-                              tuple((c - (f - 1) / 2) / f for c in init.centre), 1.0, 1.0, 0.0)
-    cov0 = (init.covariance + added * np.eye(2)) / f**2
-    amp0 = init.amplitude / scale * np.sqrt(np.linalg.det(init.covariance) / np.linalg.det(init.covariance
-                                                                                          + added * np.eye(2)))
-    p0 = _params_from_cov(amp0, init.offset / scale, p0[2:4], cov0)
-    weights = (1.0 / s_reduced).ravel()
-
-    def fun(q):
-        return (_model(q, ys, xs) - reduced).ravel() * weights
-
-    def jac(q):
-        return _model(q, ys, xs, jacobian=True)[1] * weights[:, None]
-
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        try:
-            res = least_squares(fun, p0, jac=jac, method="lm", x_scale="jac", max_nfev=max_nfev,
-                                ftol=1e-10, xtol=1e-10, gtol=1e-10)
-            p, converged, nfev = res.x, bool(res.status > 0), int(res.nfev)
-        except (ValueError, np.linalg.LinAlgError):
-            p, converged, nfev = p0, False, 0
-    if not np.all(np.isfinite(p)):
-        return WeightedGaussianFit(init, nan, dof, nan, floor)
-    # back to full-resolution pixels
-    cov = _cov_from_params(p) * f**2
-    values, vectors = np.linalg.eigh(cov - added * np.eye(2))
-    sharp = (vectors * np.maximum(values, 0.05)) @ vectors.T
-    amp = p[0] * np.sqrt(np.linalg.det(cov) / np.linalg.det(sharp))
-    centre = (float(p[2]) * f + (f - 1) / 2, float(p[3]) * f + (f - 1) / 2)
-    full = _params_from_cov(amp, p[1], centre, sharp)
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        model = _model(full, np.arange(data.shape[0], dtype=np.float64), np.arange(data.shape[1], dtype=np.float64))
-    chi2 = float((((work - model) / s_work) ** 2).sum())
-    if variance_dof is not None and variance_dof > 2:
-        chi2 *= (variance_dof - 2) / variance_dof
-    major, minor, theta = ellipse_from_covariance(sharp)
-    r2 = r_squared(work, model)
-    flags = [] if converged else ["not_converged"]
-    flags += _failure_flags(full[0], centre, major, minor, r2, data.shape, r_squared_threshold)
-    fit = GaussianFit(amplitude=float(full[0]) * scale, offset=float(full[1]) * scale, centre=centre,
-                      sigma_major=major, sigma_minor=minor, theta=theta, r_squared=r2,
-                      rmse=float(np.sqrt(np.mean((work - model) ** 2))) * scale, converged=converged,
-                      flags=tuple(dict.fromkeys(flags)), nfev=nfev, block=f, window=None, shape=tuple(data.shape))
-    p_value = float(chi2_distribution.sf(chi2, dof)) if dof > 0 else nan
-    return WeightedGaussianFit(fit, chi2, dof, p_value, floor * 1.0)
-
-
-# --- Kim et al. / OpenERF fit ---------------------------------------------------------------------------------------
 
 
 def fit_gaussian_kim(image, *, r_squared_threshold: float = 0.5) -> KimFit:
@@ -653,7 +533,7 @@ def fit_gaussian_kim(image, *, r_squared_threshold: float = 0.5) -> KimFit:
     at_bound = (np.abs(p - lower) <= 1e-6 * span) | (np.abs(upper - p) <= 1e-6 * span)
     if at_bound.any():
         flags.append("parameter_at_bound")
-    flags += _failure_flags(amp, (yc, xc), max(sx, sy), min(sx, sy), r2, data.shape, r_squared_threshold)
+    flags += failure_flags(amp, (yc, xc), max(sx, sy), min(sx, sy), r2, data.shape, r_squared_threshold)
     return KimFit(amplitude=amp, centre=(yc, xc), sigma_x=sx, sigma_y=sy, r_squared=r2, converged=converged,
                   flags=tuple(dict.fromkeys(flags)), nfev=nfev)
 

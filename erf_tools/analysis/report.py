@@ -22,8 +22,8 @@ import numpy as np
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effective_area, mass_radius,
                    radial_cumulative_mass, rank_area_sorted)
 from .checkerboard import checkerboard_indices
-from .gaussian_fit import (GaussianFit, KimFit, WeightedGaussianFit, fit_gaussian, fit_gaussian_kim,
-                           fit_gaussian_weighted)
+from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim
+from .weighted_fit import WeightedGaussianFit, fit_gaussian_weighted
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
 from .noise import NoiseModel, estimate_map_noise, noise_model_from_standard_error, standard_error_from_stack
 from .noise_free import NoiseFreeScore, noise_free_agd, noise_free_r_squared, score_from_hellinger_squared
