@@ -236,15 +236,16 @@ def test_synthetic_vs_photos_script_on_a_tiny_model(tmp_path):
                                 torch.nn.Conv2d(4, 4, 5, padding=2))
     results = script.measure_sources(model, ("synthetic", "sample"), num_images=14, targets="2", input_size=32,
                                      batch_size=7)
-    assert results["synthetic"].image_source["independent_images"] == 14
-    assert results["sample"].image_source["independent_images"] == 12  # 14 images, 12 photographs
+    assert results["synthetic"].num_independent_images == 14
+    assert results["sample"].num_independent_images == 12  # 14 images, 12 photographs
     summary, reports = script.compare(results, bootstrap=20)
     agreement = summary["agreement"]
-    assert agreement["pixels"] > 0 and np.isfinite(agreement["chi2_per_pixel"])
+    assert agreement["pixels"] > 0 and np.isfinite(agreement["mean_z2"])
     assert agreement["n_second"] == 12
+    assert agreement["null_source"] == "synthetic" and np.isfinite(agreement["null_q95_z2"])  # 12 vs 2 splits
     # A source against itself agrees exactly.
     same = script.map_agreement(results["synthetic"], results["synthetic"])
-    assert same["chi2_per_pixel"] == 0.0
+    assert same["mean_z2"] == 0.0
     written = script.draw(results, reports, tmp_path / "cmp.png")
     assert written[0].stat().st_size > 0
 
@@ -260,9 +261,14 @@ def test_map_agreement_is_calibrated_on_simulated_maps():
 
     def result(centre_shift: int, n: int):
         maps = np.roll(shape, centre_shift, axis=1)[None] * rng.gamma(4.0, 0.25, size=(n, 16, 16))
-        return SimpleNamespace(per_image_maps=maps, image_source={"independent_images": n})
+        total = maps.sum()
+        return SimpleNamespace(map=maps.sum(axis=0) / total, per_image_maps=maps, num_images=n,
+                               num_independent_images=n, receptive_field_centre=(7.5, 7.5),
+                               map_standard_error=maps.std(axis=0, ddof=1) * np.sqrt(n) / total,
+                               image_source={"kind": "synthetic"})
 
     agree = script.map_agreement(result(0, 200), result(0, 150))
-    assert 0.8 < agree["chi2_per_pixel"] < 1.25
+    assert 0.8 < agree["mean_z2"] < 1.25 and 0.8 < agree["null_mean_z2"] < 1.25
+    assert agree["expected_z2_gaussian"] == pytest.approx(1.0, abs=0.02)
     shifted = script.map_agreement(result(0, 200), result(3, 150))
-    assert shifted["chi2_per_pixel"] > 5
+    assert shifted["mean_z2"] > 5

@@ -96,3 +96,88 @@ def test_lite1_agd_score_16_vs_96_images_within_0_05(lite1_erf_96):
 def test_lite1_golden_erf(erf_regression, lite1_erf_96):
     """Golden values of the trained network's ERF (96 synthetic images), tolerances from the stored intervals."""
     erf_regression.check(lite1_erf_96, bootstrap=50)
+
+
+# ------------------------------------------------------------------ synthetic images against photographs (issue 17)
+SYNTHETIC_IMAGES, PHOTOGRAPHS = 48, 12  # the sample source has 12 independent photographs; more would be crops
+
+
+@pytest.fixture(scope="module")
+def lite1_synthetic_vs_photos():
+    """The trained network's ERF (Kim et al. protocol, 240 px) from 48 synthetic images and from the 12 sample
+    photographs, full-resolution per-image maps (for the split null), scored with 100 bootstrap resamples, and their
+    agreement (:func:`erf_tools.analysis.agreement.map_agreement`). About 30 s on one CPU thread."""
+    from erf_tools.analysis.agreement import map_agreement
+
+    options = dict(weights=str(lite1_checkpoint()), protocol="kim2023", batch_size=12, per_image_resolution=240)
+    synthetic = measure_erf(LITE1_MODEL, "synthetic", num_images=SYNTHETIC_IMAGES, **options)
+    photos = measure_erf(LITE1_MODEL, "sample", num_images=PHOTOGRAPHS, **options)
+    assert (synthetic.num_independent_images, photos.num_independent_images) == (SYNTHETIC_IMAGES, PHOTOGRAPHS)
+    reports = analyze(synthetic, bootstrap=100, seed=0), analyze(photos, bootstrap=100, seed=0)
+    # the first 12 synthetic images: the AGD score at the photographs' image count
+    matched = analyze(np.asarray(synthetic.per_image_maps[:PHOTOGRAPHS], dtype=np.float64), bootstrap=100, seed=0)
+    return reports, map_agreement(synthetic, photos, null_repeats=20), matched
+
+
+def _sigma(report) -> float:
+    return float(np.sqrt(report.fit.sigma_major * report.fit.sigma_minor))
+
+
+@pytest.mark.slow
+def test_lite1_synthetic_vs_photos_fitted_sigma_within_10_percent(lite1_synthetic_vs_photos):
+    """Measured: σ 48.9 px (synthetic, 52.1 × 45.9) against 48.4 px (photographs, 51.3 × 45.6): ratio 1.011."""
+    (synthetic, photos), *_ = lite1_synthetic_vs_photos
+    assert abs(_sigma(synthetic) / _sigma(photos) - 1) <= 0.10
+
+
+@pytest.mark.slow
+def test_lite1_synthetic_agd_score_within_the_photographs_interval(lite1_synthetic_vs_photos):
+    """Measured: synthetic 0.889 inside the photographs' [0.63, 1.00]; the two intervals overlap."""
+    (synthetic, photos), *_ = lite1_synthetic_vs_photos
+    photo_low, photo_high = photos.interval("agd_score")
+    synth_low, synth_high = synthetic.interval("agd_score")
+    assert photo_low <= synthetic.agd_score <= photo_high
+    assert synth_low <= photo_high and photo_low <= synth_high
+
+
+@pytest.mark.slow
+def test_lite1_agd_scores_agree_at_the_same_image_count(lite1_synthetic_vs_photos):
+    """12 synthetic images against the 12 photographs: each score inside the other's interval. Measured: synthetic
+    0.759 (raw 0.595; other 12-image blocks 0.781, 0.766, 0.771) against the photographs' 0.767 (raw 0.590)."""
+    (_, photos), _, matched = lite1_synthetic_vs_photos
+    (m_low, m_high), (p_low, p_high) = matched.interval("agd_score"), photos.interval("agd_score")
+    assert m_low <= photos.agd_score <= m_high and p_low <= matched.agd_score <= p_high
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: the photographs' agd_score 0.767 (12 images) lies below the interval [0.81, 1.00] of 48 synthetic "
+    "images (0.889). Not the source: 12-image blocks of the same synthetic images score 0.759-0.781, the small-N "
+    "under-correction of the noise-free score (test_lite1_agd_score_16_vs_96_images_within_0_05); the sample source "
+    "cannot supply more independent images"))
+def test_lite1_photographs_agd_score_within_the_synthetic_interval(lite1_synthetic_vs_photos):
+    (synthetic, photos), *_ = lite1_synthetic_vs_photos
+    low, high = synthetic.interval("agd_score")
+    assert low <= photos.agd_score <= high
+
+
+@pytest.mark.slow
+def test_lite1_synthetic_vs_photos_per_pixel_statistic_is_calibrated(lite1_synthetic_vs_photos):
+    """The references of the per-pixel statistic are sane: splits of the synthetic images (12 against 36, agreement
+    by construction) give a mean z² above 1 (few, skewed per-image values; measured 1.29) and near the Gaussian
+    expectation (measured 1.11); the observed mean z² is above both (measured 1.42), not orders of magnitude."""
+    _, agreement, _ = lite1_synthetic_vs_photos
+    assert agreement["null_source"] == "synthetic" and agreement["n_second"] == PHOTOGRAPHS
+    assert 1.0 < agreement["expected_z2_gaussian"] < agreement["null_mean_z2"] < 1.6
+    assert agreement["null_mean_z2"] < agreement["mean_z2"] < 2 * agreement["null_q95_z2"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: mean z² 1.42 over 57600 pixels against 1.29 (mean) / 1.34 (95th percentile) / 1.36 (max) of 20 "
+    "splits of the synthetic images into 12 and 36, and 1.11 expected for Gaussian per-image values; the excess "
+    "sits at the centre (mean z² 1.81 within 10 px, synthetic map 38 % more mass there): the two sources' ERFs "
+    "agree in size (σ ratio 1.011) but not within their noise in shape"))
+def test_lite1_synthetic_vs_photos_agree_within_per_pixel_noise(lite1_synthetic_vs_photos):
+    _, agreement, _ = lite1_synthetic_vs_photos
+    assert agreement["mean_z2"] <= agreement["null_q95_z2"]

@@ -12,6 +12,7 @@ One module per concern (functions first, the report is built from them):
 * :mod:`.noise` — per-pixel standard error of a map (per-image statistics or map-only estimate);
 * :mod:`.noise_free` — noise-free AGD score and R² (bias correction with exact per-pixel expectations);
 * :mod:`.uncertainty` — bootstrap over images, convergence curve;
+* :mod:`.agreement` — do two maps of one model agree within their per-pixel noise (z², split null);
 * :mod:`.report` — :class:`AGDReport` and :func:`analyze`.
 
 Nothing here imports torch or the models.
