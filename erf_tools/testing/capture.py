@@ -85,7 +85,9 @@ def settings_of(result: Any, bootstrap: int, confidence: float) -> dict[str, Any
         "model": result.model, "target": result.target, "protocol": result.protocol,
         "input_size": list(result.input_size), "num_images": int(result.num_images),
         "images": _images_setting(result), "seed": result.seed,
-        "weights": {k: weights.get(k) for k in ("source", "init_mode", "path", "tag", "seed")},
+        # a checkpoint by its file name: a snapshot must not depend on where a machine keeps the file
+        "weights": {k: weights.get(k) for k in ("source", "init_mode", "tag", "seed")}
+                   | {"path": Path(weights["path"]).name if weights.get("path") else None},
         "precision": engine.get("precision", "fp32"),
         "options": {k: v for k, v in (result.options or {}).items() if k != "input_size"},  # input_size: above
         "analysis": {"bootstrap": int(bootstrap or 0), "confidence": float(confidence)},
