@@ -134,6 +134,20 @@ class MeanNormHeadBackbone(PrunableStagedBackbone):
     (``head_drop``), the classifier (``head``). ParC-ConvNeXt, SLaK and UniRepLKNet share it; the ERF target is the
     ``stages[3]`` output that :meth:`forward_features` returns."""
 
+    def init_head(self, width: int, num_classes: int, drop_rate: float, head_init_scale: float,
+                  eps: float = 1e-6) -> None:
+        """Create ``norm`` (a LayerNorm on the pooled vector), ``head_drop`` and ``head``, then apply
+        :func:`convnext_init` to the whole model and scale the classifier by ``head_init_scale`` (the official
+        constructors' last steps; call it after every other module exists)."""
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(convnext_init)
+        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``stages[3]`` output (N, C3, H/32, W/32), before the mean, the final norm and the head."""
         for downsample, stage in zip(self.downsample_layers, self.stages):

@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from erf_tools.layers.parc import ParC, ParCPath
-from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
+from erf_tools.layers.staged import MeanNormHeadBackbone
 from erf_tools.models.common import unwrap_checkpoint
 
 __all__ = ["ParCConvNeXt", "ParCResNet", "checkpoint_filter_fn"]
@@ -161,14 +161,7 @@ class ParCConvNeXt(MeanNormHeadBackbone):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
             cursor += depth
 
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(convnext_init)
-        if isinstance(self.head, nn.Linear):
-            self.head.weight.data.mul_(head_init_scale)
-            self.head.bias.data.mul_(head_init_scale)
+        self.init_head(dims[-1], num_classes, drop_rate, head_init_scale, 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
+from erf_tools.layers.staged import MeanNormHeadBackbone
 from erf_tools.layers.reparam import bn_from_state_dict, fold_bn, merge_kernels
 from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, FftMode, check_fft_mode, fft_depthwise_conv2d
 
@@ -265,15 +265,7 @@ class SLaK(MeanNormHeadBackbone):
                 for j in range(depth)]))
             first += depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.norm = nn.LayerNorm(dims[-1], eps=NORM_EPS)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(convnext_init)
-        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
+        self.init_head(dims[-1], num_classes, drop_rate, head_init_scale, NORM_EPS)
 
     def _large_kernels(self) -> list[DecomposedLargeKernelConv]:
         return [m for m in self.modules() if isinstance(m, DecomposedLargeKernelConv)]

@@ -41,7 +41,7 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from erf_tools.models.common import unwrap_checkpoint
-from erf_tools.layers.staged import MeanNormHeadBackbone, convnext_init
+from erf_tools.layers.staged import MeanNormHeadBackbone
 from erf_tools.layers.reparam import bn_from_state_dict, dilated_to_dense, fold_bn, merge_kernels
 
 __all__ = [
@@ -384,15 +384,7 @@ class UniRepLKNet(MeanNormHeadBackbone):
                 for j in range(depth)]))
             first += depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.norm = nn.LayerNorm(dims[-1], eps=NORM_EPS)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(convnext_init)
-        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
+        self.init_head(dims[-1], num_classes, drop_rate, head_init_scale, NORM_EPS)
 
     def _blocks(self) -> list[UniRepLKNetBlock]:
         return [m for m in self.modules() if isinstance(m, UniRepLKNetBlock)]
