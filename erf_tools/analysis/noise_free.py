@@ -25,14 +25,19 @@ shrunk by the Wiener factor w = max(0, 1 − noise variance / local residual pow
 describes is taken as the Gaussian, and a map it does not (a disk, a plateau, steps) keeps its real structure; then
 D₀ = D(M) − β_D(m̃), U₀ = U(M) − β_U(m̃), BC₀ = U₀/√D₀ and agd_score = 1 − √(1 − BC₀).
 
-The estimate is consistent (β → 0 as s → 0) and removes the O(N^−1/2) term exactly when m̃ is right to within s.
+The expectations are taken under the noise shape of the pixels (:mod:`.noise_shape`: simulated from the per-image
+maps' pooled residuals when they are given, else normal) with the variance map smoothed by
+:data:`~.noise_shape.VARIANCE_SMOOTHING` px. The estimate is consistent (β → 0 as s → 0) and removes the O(N^−1/2)
+term exactly when m̃ is right to within s and the shape is right.
 What it cannot remove is a property of the score itself: near a perfect Gaussian the score 1 − √H² has an infinite
 slope, so noise in H² of s.d. τ leaves a bias of order √τ; the intervals (built on the H² scale) say how large.
 SIMEX (extrapolating D and U from added-noise levels back to zero) was tried first and over-corrects, because the
 background terms of U grow like √(noise s.d.), not like a polynomial; see docs/scoring.md.
 
 R² is corrected in closed form: E SS_res(M) = SS_res(E M) + Σ s² (1 − k/P) and E SS_tot(M) = SS_tot(E M) +
-Σ s² (1 − 1/P) for a least-squares fit with k parameters on P pixels, to first order.
+Σ s² (1 − 1/P) for a least-squares fit with k parameters on P pixels, to first order, for independent pixels; with
+per-image maps the two noise terms are computed for the linearised fit (:func:`fit_noise_power`), which keeps
+spatially correlated noise absorbed by the fit from being subtracted.
 """
 from __future__ import annotations
 
@@ -40,12 +45,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from scipy.special import ndtr
 from scipy.stats import chi2 as chi2_distribution
+
+from .noise_shape import (VARIANCE_SMOOTHING, NoiseShape, expected_positive_part, expected_sqrt_positive,
+                          smoothed_standard_error)
 
 __all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
            "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
-           "gaussian_explains", "GATE_LEVEL", "RESIDUAL_THRESHOLD"]
+           "gaussian_explains", "GATE_LEVEL", "RESIDUAL_THRESHOLD", "fit_noise_power"]
 
 RESIDUAL_SMOOTHING = 2.0
 """σ (map pixels) of the Gaussian smoothing the fit residual in the plug-in map (chosen on the simulations of
@@ -59,66 +66,6 @@ GATE_FLOOR = 0.5
 
 RESIDUAL_THRESHOLD = 1.0
 """Shrinkage threshold of the residual in the plug-in map (:func:`denoised_map`)."""
-
-_K_MAX = 40.0
-_K_GRID = np.linspace(-10.0, _K_MAX, 5001)
-
-
-def _tabulate_sqrt_positive() -> np.ndarray:
-    """F(k) = E √max(k + Z, 0), Z ~ N(0, 1), on :data:`_K_GRID` (Gauss–Legendre on z ∈ [−k, −k + 60])."""
-    nodes, weights = np.polynomial.legendre.leggauss(400)
-    out = np.empty_like(_K_GRID)
-    for i, k in enumerate(_K_GRID):
-        lo = max(-k, -12.0)
-        hi = max(lo + 1e-9, 12.0)
-        # substitute z = lo + u², which removes the √ singularity at z = −k
-        umax = np.sqrt(hi - lo)
-        u = 0.5 * umax * (nodes + 1.0)
-        z = lo + u * u
-        f = np.sqrt(np.maximum(k + z, 0.0)) * np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi) * 2 * u
-        out[i] = 0.5 * umax * float(np.dot(weights, f))
-    return out
-
-
-_F_TABLE = _tabulate_sqrt_positive()
-
-
-def expected_positive_part(x, sigma) -> np.ndarray:
-    """E max(x + σZ, 0) for Z ~ N(0, 1), elementwise (σ = 0 gives max(x, 0)).
-
-    Examples
-    --------
-    >>> round(float(expected_positive_part(0.0, 1.0)), 6)  # 1/√(2π)
-    0.398942
-    """
-    x = np.asarray(x, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    safe = np.where(sigma > 0, sigma, 1.0)
-    k = x / safe
-    value = x * ndtr(k) + safe * np.exp(-0.5 * k * k) / np.sqrt(2 * np.pi)
-    return np.where(sigma > 0, value, np.maximum(x, 0.0))
-
-
-def expected_sqrt_positive(x, sigma) -> np.ndarray:
-    """E √max(x + σZ, 0) for Z ~ N(0, 1), elementwise (σ = 0 gives √max(x, 0)).
-
-    Tabulated in k = x/σ on [−10, 40]; beyond, 0 below and the expansion √x (1 − 1/(8k²) − 15/(128k⁴)) above.
-
-    Examples
-    --------
-    >>> round(float(expected_sqrt_positive(0.0, 1.0)), 4)  # 2^(1/4) Γ(3/4) / (2√π)
-    0.4111
-    """
-    x = np.asarray(x, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    safe = np.where(sigma > 0, sigma, 1.0)
-    k = x / safe
-    inside = np.interp(k, _K_GRID, _F_TABLE) * np.sqrt(safe)
-    kk = np.maximum(k, 1.0)
-    tail = np.sqrt(np.maximum(x, 0.0)) * (1.0 - 1.0 / (8 * kk * kk) - 15.0 / (128 * kk**4))
-    value = np.where(k > _K_MAX, tail, np.where(k < _K_GRID[0], 0.0, inside))
-    return np.where(sigma > 0, value, np.sqrt(np.maximum(x, 0.0)))
-
 
 @dataclass(frozen=True)
 class NoiseFreeScore:
@@ -137,12 +84,15 @@ class NoiseFreeScore:
     bias: float
     noise_mass_fraction: float
     plug_in: str = ""
+    noise_shape: str = "normal"
 
     def to_dict(self) -> dict:
         return {"score": self.score, "raw": self.raw, "hellinger_squared": self.hellinger_squared,
                 "hellinger_squared_raw": self.hellinger_squared_raw, "bias": self.bias,
                 "noise_mass_fraction": self.noise_mass_fraction, "plug_in": self.plug_in,
-                "method": "plug-in bias correction of D and U (exact per-pixel expectations at the denoised map)",
+                "noise_shape": self.noise_shape,
+                "method": "plug-in bias correction of D and U (per-pixel expectations at the denoised map under the "
+                          "noise shape)",
                 "residual_smoothing_px": RESIDUAL_SMOOTHING}
 
 
@@ -213,7 +163,8 @@ def gaussian_explains(image, model, standard_error, *, variance_dof: int | None 
 
 def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,
                    smoothing: float = RESIDUAL_SMOOTHING, threshold: float = RESIDUAL_THRESHOLD,
-                   variance_dof: int | None = None, plug_in: str = "auto") -> NoiseFreeScore:
+                   variance_dof: int | None = None, plug_in: str = "auto", noise_shape: NoiseShape | None = None,
+                   variance_smoothing: float = VARIANCE_SMOOTHING) -> NoiseFreeScore:
     """Noise-free AGD score of a noisy map for a given fit (module docstring).
 
     Parameters
@@ -236,6 +187,12 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
         The noise-free map at which the bias is evaluated: the fitted model alone, the model plus the shrunk
         residual, or (``"auto"``) the model alone when the χ² test accepts it (:func:`gaussian_explains`), else the
         model plus the residual.
+    noise_shape : NoiseShape, optional
+        Distribution of the standardised pixel noise of the mean (:func:`~.noise_shape.noise_shape_from_stack`, from
+        the per-image maps); default normal (the central limit theorem).
+    variance_smoothing : float
+        σ (px of ``image``) of the Gaussian smoothing of the variance map behind the bias terms
+        (:func:`~.noise_shape.smoothed_standard_error`; 0: each pixel's own standard error).
 
     Returns
     -------
@@ -274,22 +231,59 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     plug = (model if use_model else denoised_map(data, model, s, smoothing=smoothing, threshold=threshold)) - float(
         offset)
     plug_pos = np.maximum(plug, 0.0)
-    bias_d = float((expected_positive_part(plug, s) - plug_pos).sum())
-    bias_u = float((root_q * (expected_sqrt_positive(plug, s) - np.sqrt(plug_pos))).sum())
+    scale = smoothed_standard_error(s, variance_smoothing)
+    if noise_shape is None or noise_shape.is_normal:
+        expected_d, expected_u = expected_positive_part(plug, scale), expected_sqrt_positive(plug, scale)
+    else:
+        level = noise_shape.level_of(data, scale, variance_smoothing)
+        expected_d = noise_shape.expected_positive_part(plug, scale, level)
+        expected_u = noise_shape.expected_sqrt_positive(plug, scale, level)
+    bias_d = float((expected_d - plug_pos).sum())
+    bias_u = float((root_q * (expected_u - np.sqrt(plug_pos))).sum())
     d0, u0 = d_raw - bias_d, u_raw - bias_u
     h2 = 1.0 - u0 / np.sqrt(d0) if d0 > 0 and u0 > 0 else nan
     raw = score_from_hellinger_squared(h2_raw)
     score = score_from_hellinger_squared(h2)
     return NoiseFreeScore(score=score, raw=raw, hellinger_squared=float(h2), hellinger_squared_raw=float(h2_raw),
                           bias=raw - score if np.isfinite(score) else nan, noise_mass_fraction=bias_d / d_raw,
-                          plug_in="model" if use_model else "model+residual")
+                          plug_in="model" if use_model else "model+residual",
+                          noise_shape="normal" if noise_shape is None else noise_shape.source)
 
 
-def noise_free_r_squared(image, model, standard_error, *, n_parameters: int = 7) -> tuple[float, float]:
+def fit_noise_power(stack, jacobian) -> tuple[float, float]:
+    """(E‖(I − H)e‖², E‖e − ē‖²) for the noise e of the mean of a (N, H, W) stack, H the hat matrix of a fit.
+
+    ``jacobian`` (P × k) is the fit's Jacobian at its solution, so H = J(JᵀJ)⁻¹Jᵀ is the linearised fit. Spatially
+    correlated noise (a per-image gain, smooth per-image structure) is partly absorbed by the k parameters; the
+    independent-pixel value Σ s²(1 − k/P) then over-states the noise left in the residual and clips R² at 1. From the
+    per-image deviations d_i = X_i − M: Σ_i (‖d_i‖² − d_iᵀ H d_i) / (N(N − 1)), and likewise about the mean.
+    """
+    data = np.asarray(stack, dtype=np.float64)
+    n = data.shape[0]
+    jac = np.asarray(jacobian, dtype=np.float64)
+    if n < 2 or jac.shape[0] != data[0].size:
+        raise ValueError("fit_noise_power needs ≥ 2 per-image maps at the map's resolution")
+    gram = jac.T @ jac
+    mean = data.mean(axis=0).ravel()
+    residual = total = 0.0
+    for start in range(0, n, 64):
+        d = data[start:start + 64].reshape(-1, mean.size) - mean
+        proj = d @ jac
+        explained = np.einsum("ik,ik->i", proj, np.linalg.lstsq(gram, proj.T, rcond=None)[0].T)
+        squares = np.einsum("ip,ip->i", d, d)
+        residual += float((squares - explained).sum())
+        total += float((squares - d.sum(axis=1) ** 2 / mean.size).sum())
+    scale = 1.0 / (n * (n - 1))
+    return residual * scale, total * scale
+
+
+def noise_free_r_squared(image, model, standard_error, *, n_parameters: int = 7,
+                         noise_power: tuple[float, float] | None = None) -> tuple[float, float]:
     """(noise-corrected R², raw R²) of a least-squares fit ``model`` to a noisy ``image`` (module docstring).
 
-    The correction removes the expected noise contributions Σ s²(1 − k/P) from SS_res and Σ s²(1 − 1/P) from SS_tot,
-    so it estimates 1 − SS_res(E M)/SS_tot(E M) of the noise-free map; it is clipped to at most 1.
+    The correction removes the expected noise contributions Σ s²(1 − k/P) from SS_res and Σ s²(1 − 1/P) from SS_tot
+    (independent pixels), or the given ``noise_power`` (:func:`fit_noise_power`, from per-image maps), so it estimates
+    1 − SS_res(E M)/SS_tot(E M) of the noise-free map; it is clipped to at most 1.
     """
     data = np.asarray(image, dtype=np.float64)
     model = np.asarray(model, dtype=np.float64)
@@ -301,7 +295,9 @@ def noise_free_r_squared(image, model, standard_error, *, n_parameters: int = 7)
         return float("nan"), float("nan")
     noise = float(s2.sum())
     raw = 1.0 - ss_res / ss_tot
-    tot0 = ss_tot - noise * (1.0 - 1.0 / p)
-    res0 = max(ss_res - noise * (1.0 - n_parameters / p), 0.0)
+    res_noise, tot_noise = noise_power if noise_power is not None else (noise * (1.0 - n_parameters / p),
+                                                                         noise * (1.0 - 1.0 / p))
+    tot0 = ss_tot - tot_noise
+    res0 = max(ss_res - res_noise, 0.0)
     corrected = 1.0 - res0 / tot0 if tot0 > 0 else float("nan")
     return float(min(corrected, 1.0)), float(raw)

@@ -22,11 +22,13 @@ import numpy as np
 from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effective_area, mass_radius,
                    radial_cumulative_mass, rank_area_sorted)
 from .checkerboard import checkerboard_indices
-from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim
+from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, gaussian_model, params_from_ellipse
 from .weighted_fit import WeightedGaussianFit, fit_gaussian_weighted
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
 from .noise import NoiseModel, estimate_map_noise, noise_model_from_standard_error, standard_error_from_stack
-from .noise_free import NoiseFreeScore, noise_free_agd, noise_free_r_squared, score_from_hellinger_squared
+from .noise_shape import VARIANCE_SMOOTHING, NoiseShape, noise_shape_from_stack
+from .noise_free import (NoiseFreeScore, fit_noise_power, noise_free_agd, noise_free_r_squared,
+                         score_from_hellinger_squared)
 from .moments import Moments, argmax_position, ellipse_from_covariance, image_moments
 from .shape import (GAUSSIAN_MARDIA_KURTOSIS, ShapeExponentFit, agd_score, beta_from_kurtosis, fit_shape_exponent,
                     hellinger_to_moment_gaussian, mardia_kurtosis, radial_monotonicity, radial_profile)
@@ -313,6 +315,7 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     mom_pos = image_moments(positive)
     score_raw = agd_score(data, fit)
     noise = _noise_model(data, given_se, stack, down, num_images, num_independent)
+    noise_shape = _noise_shape(data, stack, down)
     if noise.source == "map-only" and noise.reliability.get("correlated"):
         flags.append("map_noise_correlated")
     if noise.num_images is not None and noise.num_images < MIN_IMAGES_FOR_NOISE:
@@ -321,8 +324,10 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             model_map = fit.evaluate(data.shape)
         nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,
-                            variance_dof=(noise.num_images - 1) if noise.num_images else None)
-        r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error)
+                            variance_dof=(noise.num_images - 1) if noise.num_images else None,
+                            noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * int(down or 1))
+        r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error,
+                                          noise_power=_fit_noise_power(data, stack, down, fit))
         noise_fit = fit_gaussian_weighted(data, noise.standard_error, fit, r_squared_threshold=r_squared_threshold,
                                           variance_dof=(noise.num_images - 1) if noise.num_images else None)
     else:
@@ -415,7 +420,9 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
                        num_images=num_images, protocol=protocol, receptive_field_centre=rf_map, floor=floor_info,
                        fit=fit, kim_fit=kim, shape=shape, spread=spread, area_ratios=ratios, checkerboard=checker,
                        openerf_metrics=openerf, options=options, agd_score_raw=score_raw, r_squared=r2,
-                       r_squared_raw=r2_raw, noise_model=noise.noise_model, noise=noise.to_dict(), noise_free=nf,
+                       r_squared_raw=r2_raw, noise_model=noise.noise_model,
+                       noise={**noise.to_dict(), "shape": (noise_shape.to_dict() if noise_shape is not None else
+                                                           {"source": "normal"})}, noise_free=nf,
                        noise_fit=noise_fit)
 
     # uncertainty
@@ -431,7 +438,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
                 report.convergence = convergence_curve(stack, tolerance=convergence_tolerance, seed=seed)
             if n_boot > 0 and stack.shape[0] >= 2:
                 flags += _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value,
-                                    thresholds, r_squared_threshold, bootstrap_side, bootstrap_interval)
+                                    thresholds, r_squared_threshold, bootstrap_side, bootstrap_interval,
+                                    noise_shape)
             elif n_boot > 0:
                 flags.append("bootstrap_needs_two_images")
     elif n_boot > 0 and expects_stack:
@@ -441,7 +449,7 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
 
 
 def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor_value, thresholds,
-               r_squared_threshold, bootstrap_side, method):
+               r_squared_threshold, bootstrap_side, method, noise_shape=None):
     """Fill ``report.bootstrap`` and ``report.confidence_intervals`` (see :func:`analyze`).
 
     Each resample's mean map is formed from the per-image maps block-summed to ≤ 4·``bootstrap_side`` px per side.
@@ -483,7 +491,8 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):
                 model = g.evaluate(m.shape)
             se = se_block_sums * to_map_units
-            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, variance_dof=stored.shape[0] - 1)
+            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, variance_dof=stored.shape[0] - 1,
+                                noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING / first)
             out["agd_score"], out["agd_score_raw"] = nf.score, nf.raw
             out["hellinger_squared"], out["hellinger_squared_raw"] = nf.hellinger_squared, nf.hellinger_squared_raw
             out["r_squared"], out["r_squared_raw"] = noise_free_r_squared(m, model, se)
@@ -542,6 +551,36 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     report.confidence_intervals = intervals
     report.options["bootstrap_block"] = factor
     return [f"noise_biased:{name}" for name in biased]
+
+
+def _fit_noise_power(data, stack, down, fit: GaussianFit) -> tuple[float, float] | None:
+    """The noise left in the fit's residual, from full-resolution per-image maps (None: independent pixels)."""
+    if stack is None or int(down or 1) != 1:
+        return None
+    checked = check_stack(stack)
+    if checked.shape[0] < 2 or checked.shape[1:] != data.shape:
+        return None
+    params = params_from_ellipse(fit.amplitude, fit.offset, fit.centre, fit.sigma_major, fit.sigma_minor, fit.theta)
+    _, jacobian = gaussian_model(params, np.arange(data.shape[0], dtype=np.float64),
+                                 np.arange(data.shape[1], dtype=np.float64), jacobian=True)
+    total = float(checked.mean(axis=0).sum())
+    if not np.all(np.isfinite(jacobian)) or not total > 0:
+        return None
+    to_map_units = float(data.sum()) / total  # per-image maps are not normalised like the map (Kim et al.: sum 1)
+    residual, spread = fit_noise_power(checked, jacobian)
+    return residual * to_map_units**2, spread * to_map_units**2
+
+
+def _noise_shape(data, stack, down) -> NoiseShape | None:
+    """The pixel-noise shape from the per-image maps (:mod:`.noise_shape`), or None (normal) without them."""
+    if stack is None:
+        return None
+    checked = check_stack(stack)
+    f = int(down or 1)
+    h, w = checked.shape[1:]
+    if checked.shape[0] < 2 or abs(h * f - data.shape[0]) > f or abs(w * f - data.shape[1]) > f:
+        return None
+    return noise_shape_from_stack(checked)
 
 
 def _noise_model(data, given_se, stack, down, num_images, num_independent) -> NoiseModel:
