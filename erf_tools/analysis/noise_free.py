@@ -164,7 +164,7 @@ def gaussian_explains(image, model, standard_error, *, variance_dof: int | None 
 def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,
                    smoothing: float = RESIDUAL_SMOOTHING, threshold: float = RESIDUAL_THRESHOLD,
                    variance_dof: int | None = None, plug_in: str = "auto", noise_shape: NoiseShape | None = None,
-                   variance_smoothing: float = VARIANCE_SMOOTHING) -> NoiseFreeScore:
+                   variance_smoothing: float = VARIANCE_SMOOTHING, level_scale: float = 1.0) -> NoiseFreeScore:
     """Noise-free AGD score of a noisy map for a given fit (module docstring).
 
     Parameters
@@ -193,6 +193,10 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     variance_smoothing : float
         σ (px of ``image``) of the Gaussian smoothing of the variance map behind the bias terms
         (:func:`~.noise_shape.smoothed_standard_error`; 0: each pixel's own standard error).
+    level_scale : float
+        Factor from this map's per-image signal-to-noise ratio to that of the maps the shape was built from: a shape
+        from per-image maps block-summed by f, applied to a map with f times finer pixels, needs f (a block of f²
+        independent pixels has f times the ratio of one).
 
     Returns
     -------
@@ -235,7 +239,7 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     if noise_shape is None or noise_shape.is_normal:
         expected_d, expected_u = expected_positive_part(plug, scale), expected_sqrt_positive(plug, scale)
     else:
-        level = noise_shape.level_of(data, scale, variance_smoothing)
+        level = level_scale * noise_shape.level_of(data, scale, variance_smoothing)
         expected_d = noise_shape.expected_positive_part(plug, scale, level)
         expected_u = noise_shape.expected_sqrt_positive(plug, scale, level)
     bias_d = float((expected_d - plug_pos).sum())

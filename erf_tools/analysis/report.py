@@ -325,7 +325,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
             model_map = fit.evaluate(data.shape)
         nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,
                             variance_dof=(noise.num_images - 1) if noise.num_images else None,
-                            noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * int(down or 1))
+                            noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * int(down or 1),
+                            level_scale=float(int(down or 1)))
         r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error,
                                           noise_power=_fit_noise_power(data, stack, down, fit))
         noise_fit = fit_gaussian_weighted(data, noise.standard_error, fit, r_squared_threshold=r_squared_threshold,
@@ -492,7 +493,8 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
                 model = g.evaluate(m.shape)
             se = se_block_sums * to_map_units
             nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, variance_dof=stored.shape[0] - 1,
-                                noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING / first)
+                                noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING / first,
+                                level_scale=1.0 / first)
             out["agd_score"], out["agd_score_raw"] = nf.score, nf.raw
             out["hellinger_squared"], out["hellinger_squared_raw"] = nf.hellinger_squared, nf.hellinger_squared_raw
             out["r_squared"], out["r_squared_raw"] = noise_free_r_squared(m, model, se)
