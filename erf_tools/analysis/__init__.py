@@ -10,7 +10,8 @@ One module per concern (functions first, the report is built from them):
 * :mod:`.area` — RepLKNet area ratio r(t), rank area, effective area, radial mass;
 * :mod:`.checkerboard` — Kim et al. L1/L2 imbalance indices;
 * :mod:`.noise` — per-pixel standard error of a map (per-image statistics or map-only estimate);
-* :mod:`.noise_free` — noise-free AGD score and R² (bias correction with exact per-pixel expectations);
+* :mod:`.noise_shape` — the shape of a pixel's noise at N images (pooled per-image residuals, or normal);
+* :mod:`.noise_free` — noise-free AGD score and R² (bias correction with per-pixel expectations under that shape);
 * :mod:`.uncertainty` — bootstrap over images, convergence curve;
 * :mod:`.agreement` — do two maps of one model agree within their per-pixel noise (z², split null);
 * :mod:`.report` — :class:`AGDReport` and :func:`analyze`.
@@ -26,6 +27,7 @@ from .maps import block_reduce, check_distribution, check_map, estimate_floor, n
 from .moments import (Moments, argmax_position, centre_of_mass, covariance, covariance_from_ellipse,
                       ellipse_from_covariance, image_moments)
 from .noise import NoiseModel, estimate_map_noise, standard_error_from_stack
+from .noise_shape import NoiseShape, noise_shape_from_stack
 from .noise_free import NoiseFreeScore, noise_free_agd, noise_free_r_squared
 from .report import DEFAULT_RESAMPLES, AGDReport, analyze
 from .shape import (RadialProfile, ShapeExponentFit, agd_score, bhattacharyya_coefficient, beta_from_kurtosis,
@@ -46,7 +48,7 @@ __all__ = [
     "WeightedGaussianFit", "fit_gaussian_weighted",
     # noise
     "NoiseModel", "estimate_map_noise", "standard_error_from_stack", "NoiseFreeScore", "noise_free_agd",
-    "noise_free_r_squared",
+    "noise_free_r_squared", "NoiseShape", "noise_shape_from_stack",
     # shape
     "agd_score", "hellinger_distance", "bhattacharyya_coefficient", "moment_matched_gaussian",
     "hellinger_to_moment_gaussian", "mardia_kurtosis", "generalised_gaussian_kurtosis", "beta_from_kurtosis",
