@@ -179,13 +179,16 @@ def image_count_warning(report: Any, result: ERFResult | None = None) -> str | N
     if used and needed is not None and needed > used:
         problems.append(f"the map needs about {math.ceil(needed)} images to stop changing and has {used}")
     independent = getattr(result, "num_independent_images", None) if result is not None else None
-    if used and independent is not None and independent < used:
+    repeated = bool(used and independent is not None and independent < used)
+    if repeated:
         problems.append(f"only {independent} of its {used} images are independent (crops and flips of the same "
                         "photographs)")
     if not problems:
         return None
     interval = (data.get("confidence_intervals") or {}).get("agd_score")
     tail = f"; its AGD interval is [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and None not in interval else ""
-    return ("too few images: " + " and ".join(problems) + tail +
-            " — add images (--num-images, --until-converged) or use --images synthetic")
+    # more crops of the same photographs add nothing: then the remedy is independent images
+    remedy = " — use --images synthetic (independent images) or a larger folder" if repeated else \
+        " — add images (--num-images, --until-converged)"
+    return "too few images: " + " and ".join(problems) + tail + remedy
 

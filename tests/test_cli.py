@@ -42,7 +42,7 @@ def test_measure_writes_result_report_and_heatmap(saved):
 def test_measure_prints_settings_scores_and_the_random_init_warning(tmp_path):
     code, text, _ = invoke("measure", "-m", "resnet18", "-w", "random", "-o", tmp_path, *SMALL)
     assert code == 0, text
-    assert "protocol replknet · 64×64 px · 1 images from sample · weights random" in text
+    assert "protocol replknet · 64×64 px · 1 images from synthetic · weights random" in text
     assert "warning:" in text and "--weights active" in text
     assert "AGD score" in text and "r(20%)" in text
 
@@ -50,7 +50,7 @@ def test_measure_prints_settings_scores_and_the_random_init_warning(tmp_path):
 def test_default_weights_offline_are_the_probe_and_say_so(tmp_path):
     code, text, _ = invoke("measure", "-m", "resnet18", "-o", tmp_path, *SMALL)
     assert code == 0, text
-    assert "1 images from sample · weights active" in text
+    assert "1 images from synthetic · weights active" in text
     assert "weights: resnet18.a1_in1k (model.safetensors) is not on disk and was not downloaded" in text
     assert "architecture probe" in text and "silenced" not in text
 

@@ -16,14 +16,14 @@ from tests.test_plotting import gaussian_result
 
 def test_quick_and_full_protocol_settings():
     quick = runs.measure_settings("uniconvnet_t")
-    assert (quick.input_size, quick.num_images, quick.quick) == (512, 8, True)
+    assert (quick.input_size, quick.num_images, quick.quick, quick.images) == (512, 32, True, "synthetic")
     assert quick.weights == "random" and quick.protocol == "replknet"
     full = runs.measure_settings("uniconvnet_t", full_protocol=True)
     assert (full.input_size, full.num_images, full.quick) == (1024, 50, False)
     assert runs.measure_settings("resnet50", protocol="kim2023").input_size is None  # the model's native size
     assert runs.measure_settings("resnet50", protocol="luo2016").input_size == 224
     assert runs.measure_settings("resnet50", input_size=300, num_images=3).input_size == 300
-    assert "512×512 px" in quick.describe() and "8 images" in quick.describe()
+    assert "512×512 px" in quick.describe() and "32 images from synthetic" in quick.describe()
     with pytest.raises(ValueError, match="protocol"):
         runs.measure_settings("resnet50", protocol="nope")
     with pytest.raises(ValueError, match="at least 1"):
@@ -150,6 +150,7 @@ def test_image_count_warning_names_what_is_missing():
     result.num_images, result.num_independent_images = 20, 12
     text = tables.image_count_warning(Report(55.2), result)
     assert "needs about 56 images" in text and "has 20" in text and "only 12 of its 20" in text
-    assert "[0.500, 0.700]" in text
+    assert "[0.500, 0.700]" in text and "--images synthetic" in text
     result.num_independent_images = 20
+    assert "--images synthetic" not in tables.image_count_warning(Report(55.2), result)
     assert tables.image_count_warning(Report(10.0), result) is None

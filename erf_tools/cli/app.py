@@ -150,7 +150,7 @@ def main_options(
 # ---------------------------------------------------------------------------------------------------------- measure
 Model = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `erf models`).")]
 Images = Annotated[str, typer.Option("--images", "-i", help="A folder of images, 'sample' (bundled photographs), "
-                                     "'synthetic' (independent dead-leaves images) or 'noise'.")]
+                                     "'synthetic' (independent dead-leaves images, the default) or 'noise'.")]
 NumImages = Annotated[Optional[int], typer.Option(
     "--num-images", "-n", help=f"Images to average (default {runs.QUICK_SETTINGS['num_images']}; "
     f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} with --full-protocol).", show_default=False)]
@@ -182,7 +182,7 @@ Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples
 @app.command()
 def measure(
     model: Model,
-    images: Images = "sample",
+    images: Images = runs.QUICK_SETTINGS["images"],
     num_images: NumImages = None,
     size: Size = None,
     full_protocol: FullProtocol = False,
@@ -264,7 +264,7 @@ def compare(
     title: Annotated[str, typer.Option("--title", help="Figure title.")] = "Effective receptive fields",
     out: Out = Path("erf-results"),
     format: Formats = "png",
-    images: Images = "sample",
+    images: Images = runs.QUICK_SETTINGS["images"],
     num_images: NumImages = None,
     size: Size = None,
     full_protocol: FullProtocol = False,
