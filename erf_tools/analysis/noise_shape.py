@@ -9,11 +9,13 @@ normal approximation says (at 8 images the normal formula removes a third of the
 U). The CLT is then a poor model; the per-image maps themselves are a good one.
 
 **Estimator (a pooled, standardised noise distribution).** Every pixel's per-image values are modelled as
-m_j + σ_j ξ with one standardised distribution ξ (mean 0, variance 1) shared by all pixels, and σ_j the per-image s.d.
+m_j + σ_j ξ with a standardised distribution ξ (mean 0, variance 1) shared by the pixels of one of
+:data:`LEVEL_BINS` quantile bins of the per-image signal-to-noise ratio ρ = smoothed mean / σ_j (a ReLU'd map is
+clipped in most images where ρ is small, rarely where it is large), and σ_j the per-image s.d.
 The map of σ_j² is the per-pixel sample variance smoothed by a Gaussian of :data:`VARIANCE_SMOOTHING` px (a pixel's
 own variance from a few heavy-tailed values is mostly luck: without the smoothing its standardised residuals are
 bounded by (N − 1)/√N and the tail the estimator needs is cut off). ξ is the pool of the standardised residuals
-(X_ij − M_j)/σ_j of all pixels and images (subsampled to :data:`POOL_SIZE`), re-standardised. The noise of the mean of N
+(X_ij − M_j)/σ_j of the bin's pixels and all images (subsampled to :data:`POOL_SIZE` in all), re-standardised. The noise of the mean of N
 images is then s_j Z_N with Z_N = √N · mean of N draws of ξ, whose distribution is simulated once
 (:data:`DRAWS` means, a fixed seed) and tabulated as the two expectations on the grid of k = x/s. For N above
 :data:`MAX_SIMULATED_IMAGES` the normal formula is used (the skewness of Z_N, γ/√N, is then below ≈ 0.2 for the
@@ -23,7 +25,7 @@ per-pixel variances of 2–7 images are too rough to standardise by).
 This keeps what the central limit theorem gets right (it is the N → ∞ limit of the simulation) and replaces what it
 gets wrong at small N by the shape the images show; the shared-shape assumption is what lets a few images speak for
 the tail (N × pixels residuals instead of N). It does not model spatial correlation (each expectation is per pixel,
-where correlation does not enter) nor a shape that varies across the map.
+where correlation does not enter) nor a shape that varies across the map other than with ρ.
 """
 from __future__ import annotations
 
