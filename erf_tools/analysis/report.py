@@ -26,7 +26,7 @@ from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, g
 from .weighted_fit import WeightedGaussianFit, fit_gaussian_weighted
 from .maps import block_reduce, check_map, estimate_floor, remove_floor
 from .noise import NoiseModel, estimate_map_noise, noise_model_from_standard_error, standard_error_from_stack
-from .noise_shape import VARIANCE_SMOOTHING, NoiseShape, noise_shape_from_stack
+from .noise_shape import VARIANCE_SMOOTHING, noise_shape_from_stack
 from .noise_free import (NoiseFreeScore, fit_noise_power, noise_free_agd, noise_free_r_squared,
                          score_from_hellinger_squared)
 from .moments import Moments, argmax_position, ellipse_from_covariance, image_moments
@@ -314,8 +314,12 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     mom_raw = image_moments(data)
     mom_pos = image_moments(positive)
     score_raw = agd_score(data, fit)
-    noise = _noise_model(data, given_se, stack, down, num_images, num_independent)
-    noise_shape = _noise_shape(data, stack, down)
+    # the per-image maps, checked once; ``matching`` when they cover the map and can give per-pixel statistics
+    checked = None if stack is None else check_stack(stack)
+    down = int(down or 1)
+    matching = _matching_stack(data, checked, down)
+    noise = _noise_model(data, given_se, matching, down, num_images, num_independent)
+    noise_shape = None if matching is None else noise_shape_from_stack(matching)
     if noise.source == "map-only" and noise.reliability.get("correlated"):
         flags.append("map_noise_correlated")
     if noise.num_images is not None and noise.num_images < MIN_IMAGES_FOR_NOISE:
@@ -325,10 +329,10 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
             model_map = fit.evaluate(data.shape)
         nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,
                             variance_dof=(noise.num_images - 1) if noise.num_images else None,
-                            noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * int(down or 1),
-                            level_scale=float(int(down or 1)))
+                            noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * down,
+                            level_scale=float(down))
         r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error,
-                                          noise_power=_fit_noise_power(data, stack, down, fit))
+                                          noise_power=_fit_noise_power(data, matching, down, fit))
         noise_fit = fit_gaussian_weighted(data, noise.standard_error, fit, r_squared_threshold=r_squared_threshold,
                                           variance_dof=(noise.num_images - 1) if noise.num_images else None)
     else:
@@ -428,9 +432,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
 
     # uncertainty
     n_boot = int(bootstrap or 0)
-    if stack is not None:
-        stack = check_stack(stack)
-        down = int(down or 1)
+    if checked is not None:
+        stack = checked
         h, w = stack.shape[1:]
         if abs(h * down - height) > down or abs(w * down - width) > down:
             flags.append("per_image_shape_mismatch")
@@ -555,52 +558,49 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     return [f"noise_biased:{name}" for name in biased]
 
 
-def _fit_noise_power(data, stack, down, fit: GaussianFit) -> tuple[float, float] | None:
-    """The noise left in the fit's residual, from full-resolution per-image maps (None: independent pixels)."""
-    if stack is None or int(down or 1) != 1:
+def _matching_stack(data, checked, down: int) -> np.ndarray | None:
+    """The checked per-image stack when it has ≥ 2 maps covering ``data`` in blocks of ``down`` px, else None."""
+    if checked is None or checked.shape[0] < 2:
         return None
-    checked = check_stack(stack)
-    if checked.shape[0] < 2 or checked.shape[1:] != data.shape:
+    h, w = checked.shape[1:]
+    if abs(h * down - data.shape[0]) > down or abs(w * down - data.shape[1]) > down:
+        return None
+    return checked
+
+
+def _to_map_units(data, stack, down: int) -> float | None:
+    """Factor from the per-image maps' units to the map's (per-image maps are not normalised like the map: Kim et al.
+    normalise the mean to sum 1); None when the per-image maps are all 0."""
+    h, w = stack.shape[1:]
+    total = float(stack.mean(axis=0).sum())
+    return float(data[: h * down, : w * down].sum()) / total if total > 0 else None
+
+
+def _fit_noise_power(data, stack, down: int, fit: GaussianFit) -> tuple[float, float] | None:
+    """The noise left in the fit's residual, from full-resolution per-image maps (None: independent pixels)."""
+    if stack is None or down != 1 or stack.shape[1:] != data.shape:
         return None
     params = params_from_ellipse(fit.amplitude, fit.offset, fit.centre, fit.sigma_major, fit.sigma_minor, fit.theta)
     _, jacobian = gaussian_model(params, np.arange(data.shape[0], dtype=np.float64),
                                  np.arange(data.shape[1], dtype=np.float64), jacobian=True)
-    total = float(checked.mean(axis=0).sum())
-    if not np.all(np.isfinite(jacobian)) or not total > 0:
+    to_map_units = _to_map_units(data, stack, down)
+    if not np.all(np.isfinite(jacobian)) or to_map_units is None:
         return None
-    to_map_units = float(data.sum()) / total  # per-image maps are not normalised like the map (Kim et al.: sum 1)
-    residual, spread = fit_noise_power(checked, jacobian)
+    residual, spread = fit_noise_power(stack, jacobian)
     return residual * to_map_units**2, spread * to_map_units**2
 
 
-def _noise_shape(data, stack, down) -> NoiseShape | None:
-    """The pixel-noise shape from the per-image maps (:mod:`.noise_shape`), or None (normal) without them."""
-    if stack is None:
-        return None
-    checked = check_stack(stack)
-    f = int(down or 1)
-    h, w = checked.shape[1:]
-    if checked.shape[0] < 2 or abs(h * f - data.shape[0]) > f or abs(w * f - data.shape[1]) > f:
-        return None
-    return noise_shape_from_stack(checked)
-
-
-def _noise_model(data, given_se, stack, down, num_images, num_independent) -> NoiseModel:
-    """The per-pixel standard error of ``data``: given (engine), from the per-image stack, or from the map alone."""
+def _noise_model(data, given_se, stack, down: int, num_images, num_independent) -> NoiseModel:
+    """The per-pixel standard error of ``data``: given (engine), from the per-image stack covering the map
+    (:func:`_matching_stack`), or from the map alone."""
     if given_se is not None:
         return noise_model_from_standard_error(given_se, data.shape, num_images=num_images,
                                                num_independent_images=num_independent)
     if stack is not None:
-        checked = check_stack(stack)
-        f = int(down or 1)
-        h, w = checked.shape[1:]
-        if checked.shape[0] >= 2 and abs(h * f - data.shape[0]) <= f and abs(w * f - data.shape[1]) <= f:
-            total = float(checked.mean(axis=0).sum())
-            covered = float(data[: h * f, : w * f].sum())
-            model = standard_error_from_stack(checked, data.shape, downsample=f,
-                                              to_map_units=covered / total if total > 0 else 1.0)
-            return NoiseModel(model.standard_error, model.source, model.num_images, num_independent,
-                              model.reliability)
+        to_map_units = _to_map_units(data, stack, down)
+        model = standard_error_from_stack(stack, data.shape, downsample=down,
+                                          to_map_units=1.0 if to_map_units is None else to_map_units)
+        return NoiseModel(model.standard_error, model.source, model.num_images, num_independent, model.reliability)
     return estimate_map_noise(data)
 
 
