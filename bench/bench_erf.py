@@ -456,11 +456,14 @@ def cmd_targets(args) -> str:
         f"`targets='stage:3'`, same images and settings. Medians of {args.rounds} rounds, ratios within rounds. "
         "*Whole run*: wall time of the whole call. *Steady state*: wall time after the first batch per image "
         "(`timing['engine']['first_batch_seconds']`): the first batch also runs the one-off probes, and computes "
-        "early targets on the full input to check their receptive-field window before adopting it.",
+        "early targets on the full input to check their receptive-field window before adopting it. *Batched VJP*: "
+        "the same four targets with `batched_vjp=True` (one backward pass vmapped over the four one-hot "
+        "cotangents, `is_grads_batched`) instead of one backward per target.",
         "",
         "| model | input | images | batch | precision | 4 targets / 1 target: whole run (wall) | (CPU) | "
-        "steady state (wall) | 4 separate runs / 1 target (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "steady state (wall) | 4 separate runs / 1 target (CPU) | batched VJP: 4 targets / 1 (wall) | (CPU) | "
+        "max rel. diff batched vs sequential |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, size, batch, precision, fast in engine_cases(args):
         model, images = case_inputs(args, name, size)
@@ -471,6 +474,8 @@ def cmd_targets(args) -> str:
                                        **fast),
             "four": lambda: measure_erf(model, images, targets=stages, batch_size=batch, precision=precision,
                                         **fast),
+            "four batched": lambda: measure_erf(model, images, targets=stages, batch_size=batch,
+                                                precision=precision, batched_vjp=True, **fast),
         }
         extra = {f"stage:{i} alone": (lambda i=i: measure_erf(model, images, targets=f"stage:{i}", batch_size=batch,
                                                              precision=precision, **fast)) for i in range(3)}
@@ -481,8 +486,13 @@ def cmd_targets(args) -> str:
         steady = statistics.median(f / o for o, f in zip(times["one"]["steady"], times["four"]["steady"]))
         separate = (sum(statistics.median(times[k]["cpu"]) for k in extra) + statistics.median(times["one"]["cpu"])) \
             / statistics.median(times["one"]["cpu"])
+        batched_wall = statistics.median(f / o for o, f in zip(times["one"]["wall"], times["four batched"]["wall"]))
+        batched_cpu = statistics.median(f / o for o, f in zip(times["one"]["cpu"], times["four batched"]["cpu"]))
+        difference = max(float(np.abs(b.map - s.map).max() / np.abs(s.map).max())
+                         for s, b in zip(times["four"]["value"], times["four batched"]["value"]))
         lines.append(f"| {name} | {size} | {count} | {batch} | {precision} | **{wall:.2f}×** | {cpu:.2f}× | "
-                     f"**{steady:.2f}×** | {separate:.2f}× |")
+                     f"**{steady:.2f}×** | {separate:.2f}× | **{batched_wall:.2f}×** | {batched_cpu:.2f}× | "
+                     f"{difference:.1e} |")
     return "\n".join(lines)
 
 

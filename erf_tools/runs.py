@@ -24,7 +24,7 @@ from typing import Any
 
 from erf_tools.catalogue import check_model_name, stage_targets
 from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES
-from erf_tools.engine.measure import MeasureConfig, measure_with_config
+from erf_tools.engine.measure import BATCH_SIZE_MODES, MeasureConfig, measure_with_config
 from erf_tools.images import IMAGE_SOURCE_NAMES
 from erf_tools.protocols import PRESETS
 from erf_tools.results import ERFResult, ResultFileError, atomic_write_bytes, load_result, result_paths, save_result
@@ -67,7 +67,7 @@ class MeasureSettings:
     images: str
     weights: str
     targets: tuple[str, ...] | None
-    batch_size: int | str  # or "auto"
+    batch_size: int | str  # or "auto" / "max"
     device: str
     precision: str
     seed: int
@@ -113,7 +113,7 @@ def measure_settings(
     images: str = QUICK_SETTINGS["images"],
     weights: str | None = "random",
     targets: Sequence[str] | None = None,
-    batch_size: int | str = 2,
+    batch_size: int | str = "auto",
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
@@ -145,8 +145,8 @@ def measure_settings(
         raise ValueError(f"input size {input_size} is too small; give at least 8 px (32 or more for most models)")
     if num_images != "auto" and (not isinstance(num_images, int) or num_images < 1):
         raise ValueError(f"the number of images must be at least 1 (or 'auto'), got {num_images!r}")
-    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"the batch size must be a positive integer or 'auto', got {batch_size!r}")
+    if batch_size not in BATCH_SIZE_MODES and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"the batch size must be a positive integer, 'auto' or 'max', got {batch_size!r}")
     if str(device).startswith("cuda"):
         import torch
 
@@ -245,7 +245,7 @@ def run_measure(
     protocol: str = "replknet",
     targets: Sequence[str] | None = None,
     weights: str = "random",
-    batch_size: int = 2,
+    batch_size: int | str = "auto",
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,

@@ -77,17 +77,19 @@ def test_auto_batch_size_is_the_largest_that_fits(net):
     assert auto_batch_size(net, 40, 2**40, max_batch_size=12) == 12
 
 
-def test_measure_erf_with_auto_batch_size(net):
+def test_measure_erf_with_the_largest_batch_that_fits(net):
     images = torch.randn(6, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     estimate = per_image_memory(net, 40)
     budget = int((estimate.fixed + 4 * estimate.per_image) / 0.85) + 1
-    auto = measure_erf(net, images, batch_size="auto", memory_budget=budget)
+    largest = measure_erf(net, images, batch_size="max", memory_budget=budget)
     fixed = measure_erf(net, images, batch_size=4)
-    assert auto.timing["engine"]["batch_size"] == 4 and auto.timing["engine"]["auto_batch_size"]
-    assert np.array_equal(auto.map, fixed.map)
+    assert largest.timing["engine"]["batch_size"] == 4 and largest.timing["engine"]["auto_batch_size"] == "max"
+    assert np.array_equal(largest.map, fixed.map)
+    auto = measure_erf(net, images, batch_size="auto", memory_budget=budget)  # by throughput, within that memory
+    assert auto.timing["engine"]["batch_size_tuning"]["cap"] == 4
     engine = fixed.timing["engine"]  # the first batch (probes, window checks) is timed apart from the steady state
     assert engine["first_batch_images"] == 4 and 0 < engine["first_batch_seconds"] <= fixed.timing["seconds"]
-    capped = measure_erf(net, images[:2], batch_size="auto", memory_budget=2**40)
+    capped = measure_erf(net, images[:2], batch_size="max", memory_budget=2**40)
     assert capped.timing["engine"]["batch_size"] == 2  # never more than the images there are
     with pytest.raises(ValueError, match="batch_size"):
         measure_erf(net, images, batch_size="big")

@@ -70,12 +70,13 @@ def test_measure_several_stages_and_formats(tmp_path):
     assert (tmp_path / "test_resnet_stage-0.npz").is_file() and (tmp_path / "test_resnet_stage-3.svg").is_file()
 
 
-def test_measure_fast_records_the_exact_fast_paths_and_matches_the_plain_map(tmp_path):
+def test_measure_fast_by_default_records_the_exact_fast_paths_and_matches_the_plain_map(tmp_path):
     from erf_tools.results import load_result
 
-    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "--fast", "-o", tmp_path / "fast", *SMALL)
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "-o", tmp_path / "fast", *SMALL)
     assert code == 0, text
-    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "-o", tmp_path / "plain", *SMALL)
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "--no-fast", "-o", tmp_path / "plain",
+                           *SMALL)
     assert code == 0, text
     fast, plain = load_result(tmp_path / "fast" / "test_resnet"), load_result(tmp_path / "plain" / "test_resnet")
     engine = fast.timing["engine"]

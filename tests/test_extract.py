@@ -95,6 +95,16 @@ def test_several_targets_from_one_pass_equal_separate_runs(active_resnet):
         assert_relative_close(result.map, alone.map)
 
 
+def test_batched_vjp_of_several_targets_equals_one_backward_per_target(active_resnet):
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    names = ["layer1", "layer2", "layer3", "layer4"]
+    sequential = measure_erf(active_resnet, images, targets=names, batch_size=2)
+    batched = measure_erf(active_resnet, images, targets=names, batch_size=2, batched_vjp=True)
+    for one, other in zip(sequential, batched):
+        assert_relative_close(other.map, one.map)
+        assert_relative_close(other.per_image_maps, one.per_image_maps)
+
+
 def test_same_seed_and_images_give_identical_maps(active_resnet):
     first = measure_erf(active_resnet, "noise", num_images=3, input_size=64, seed=3)
     second = measure_erf(active_resnet, "noise", num_images=3, input_size=64, seed=3)

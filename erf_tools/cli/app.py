@@ -20,6 +20,7 @@ from erf_tools import catalogue, runs, tables
 from erf_tools.cli import render
 from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES
 from erf_tools.engine.engine import PRECISIONS
+from erf_tools.engine.measure import BATCH_SIZE_MODES
 from erf_tools.images import ImageSourceError
 from erf_tools.plotting import NORMALISATIONS, SCALES
 from erf_tools.protocols import PRESETS
@@ -53,15 +54,15 @@ TableFormat = _choices("TableFormat", tables.TABLE_FORMATS)
 
 
 def _batch_size(value: str) -> int | str:
-    """``--batch-size``: a positive integer, or ``auto`` (the largest batch that fits the free memory)."""
-    if value == "auto":
+    """``--batch-size``: a positive integer, ``auto`` (by measured throughput) or ``max`` (the largest that fits)."""
+    if value in BATCH_SIZE_MODES:
         return value
     try:
         size = int(value)
     except ValueError:
         size = 0
     if size < 1:
-        raise typer.BadParameter(f"{value!r}: give a positive integer or 'auto'", param_hint="--batch-size")
+        raise typer.BadParameter(f"{value!r}: give a positive integer, 'auto' or 'max'", param_hint="--batch-size")
     return size
 
 
@@ -165,12 +166,14 @@ Weights = Annotated[Optional[str], typer.Option(
     "checkpoint PATH, 'active' (all-branches-active architecture probe) or 'random' (family default init). Default: "
     "trained weights when on disk or downloadable now, else 'active' (the printed defaults say which).",
     show_default=False)]
-BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Images per forward/backward pass, or 'auto' (the "
-                                        "largest batch whose estimated peak memory fits the free memory).")]
+BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Images per forward/backward pass; 'auto' (the "
+                                        "fastest measured on the first batches, within the free memory) or 'max' "
+                                        "(the largest batch whose estimated peak memory fits).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
-Fast = Annotated[bool, typer.Option("--fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
-                                    "FFT for depthwise kernels >= 15 (maps change by float rounding only).")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
+                                    "FFT for depthwise kernels >= 15 (maps change by float rounding only); on by "
+                                    "default, --no-fast measures the published training-time structure.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 Formats = Annotated[str, typer.Option("--format", "-f", help="Figure formats, comma-separated: png, pdf, svg.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the init, the sample crops and the bootstrap.")]
@@ -192,10 +195,10 @@ def measure(
     stage: Annotated[Optional[list[int]], typer.Option("--stage", help="Stage index; repeat for several.")] = None,
     stages: Annotated[bool, typer.Option("--stages", help="Measure every stage (one forward pass).")] = False,
     weights: Weights = None,
-    batch_size: BatchSize = "2",
+    batch_size: BatchSize = "auto",
     device: Device = "cpu",
     precision: PrecisionOpt = Precision.fp32,
-    fast: Fast = False,
+    fast: Fast = True,
     out: Out = Path("erf-results"),
     format: Formats = "png",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the partial result in --out.")] = False,
@@ -270,9 +273,9 @@ def compare(
     full_protocol: FullProtocol = False,
     protocol: ProtocolOpt = Protocol.replknet,
     weights: Weights = None,
-    batch_size: BatchSize = "2",
+    batch_size: BatchSize = "auto",
     device: Device = "cpu",
-    fast: Fast = False,
+    fast: Fast = True,
     seed: Seed = 0,
     bootstrap: Bootstrap = runs.COMMAND_BOOTSTRAP,
 ) -> None:

@@ -8,7 +8,8 @@
 * :mod:`.fastpaths` — exact transformations of a private model copy (layout, BN folding, FFT, re-parameterisation);
 * :mod:`.windows` — input windows for early targets;
 * :mod:`.scheduling` — batches, prefetching, worker threads, lazy per-shard input streams;
-* :mod:`.memory` — peak-memory replay on the meta device and ``batch_size="auto"``;
+* :mod:`.memory` — peak-memory replay on the meta device and the largest batch that fits (``batch_size="max"``);
+* :mod:`.batch_tuning` — ``batch_size="auto"``: the batch size chosen by measured throughput within that;
 * :mod:`.distributed` — images sharded over processes, accumulators all-reduced exactly.
 """
 from .accumulate import ERFAccumulator, ExactSum

@@ -63,7 +63,7 @@ class ERFEngine:
     """
 
     def __init__(self, model, targets, options, device, precision, channels_last, crop_early_targets=True,
-                 diagnose=True):
+                 diagnose=True, batched_vjp=False):
         self.model = model
         self.targets = targets
         self.options = options
@@ -73,6 +73,8 @@ class ERFEngine:
         self.crop_early_targets = crop_early_targets
         #: check the first batch for blind objectives (off for shape-only replays: meta and fake tensors hold no data)
         self.diagnose = diagnose
+        #: the input gradients of all full-input targets as one vmapped backward (see :meth:`_batched_gradients`)
+        self.batched_vjp = batched_vjp
         self.crops: dict[str, InputWindow] = {}
         #: objective scale under fp16 (see :meth:`_input_gradient`); 1 otherwise (bf16 has float32's range)
         self.grad_scale = 2.0 ** 12 if precision == "fp16" else 1.0
@@ -194,20 +196,28 @@ class ERFEngine:
                 self.geometry = self._geometry(grids, log, input_hw)
                 if ops is not None:
                     candidates = plan_windows(self.targets, self.geometry, log, ops, input_hw)
-            for index, target in enumerate(full_targets):
+            objectives = []
+            for target in full_targets:
                 grid = grids[target.module_name]
-                objective = centre_objective(grid, self.geometry[target.module_name].unit, self.options)
                 unit = self.geometry[target.module_name].unit
+                objective = centre_objective(grid, unit, self.options)
                 if first and self.diagnose and objective_is_blind(grid, unit, self.options):
                     self.blind_targets.add(target.module_name)
                 if not objective.requires_grad:
                     raise RuntimeError(
                         f"target {target.name!r} does not depend on the input through differentiable operations"
                     )
-                gradient = self._input_gradient(objective, x, retain_graph=index < len(full_targets) - 1)
+                objectives.append(objective)
+            if self.batched_vjp and len(objectives) > 1 and self.grad_scale == 1.0:
+                gradients = self._batched_gradients(objectives, x)
+            else:
+                gradients = (self._input_gradient(o, x, retain_graph=i < len(objectives) - 1)
+                             for i, o in enumerate(objectives))
+            for target, gradient in zip(full_targets, gradients):
                 maps[target.module_name] = per_sample_maps(gradient, self.options)
                 if target.module_name in candidates:
                     full_gradients[target.module_name] = gradient.detach()
+            del objectives, gradients
             del grids, outputs
         for target in self.targets:
             crop = self.crops.get(target.module_name)
@@ -238,6 +248,21 @@ class ERFEngine:
             if self.grad_scale == 1.0 or bool(torch.isfinite(gradient).all()):
                 return gradient / self.grad_scale
             self.grad_scale = max(self.grad_scale / 16.0, 1.0)
+
+    @staticmethod
+    def _batched_gradients(objectives: list[torch.Tensor], inputs: torch.Tensor) -> list[torch.Tensor]:
+        """∂objective_k/∂inputs for every k from one backward pass vmapped over K one-hot cotangents
+        (``is_grads_batched``), float32.
+
+        Why it is optional: it trades K sequential backward passes, each from its own target down to the input,
+        for one pass that carries all K cotangents through the whole graph (zeros included above the early
+        targets); it pays where per-operator overhead dominates (small maps, accelerators), not where the
+        convolutions are compute-bound (``bench_erf.py batched-vjp``, ``bench/RESULTS.md``).
+        """
+        stacked = torch.stack([o.float() for o in objectives])
+        cotangents = torch.eye(len(objectives), dtype=stacked.dtype, device=stacked.device)
+        (gradients,) = torch.autograd.grad(stacked, inputs, grad_outputs=cotangents, is_grads_batched=True)
+        return list(gradients.float().unbind(0))
 
     def _cropped_gradient(self, x: torch.Tensor, target: Target, crop: InputWindow) -> torch.Tensor:
         """The input gradient of ``target``'s centre objective computed on the window ``crop`` of ``x`` only,

@@ -15,7 +15,11 @@ from erf_tools.layers.fft_conv import FFT_DEPTHWISE_MIN_KERNEL, use_fft_depthwis
 from erf_tools.layers.helpers import module_device
 from erf_tools.targets import Target
 
-__all__ = ["exact_fast_paths", "prepare_model"]
+__all__ = ["TargetRemovedError", "exact_fast_paths", "prepare_model"]
+
+
+class TargetRemovedError(ValueError):
+    """Re-parameterisation would remove a module that is a target of the measurement."""
 
 
 def exact_fast_paths(model: nn.Module) -> dict[str, Any]:
@@ -65,7 +69,7 @@ def prepare_model(
         present = dict(work.named_modules())
         lost = [n for n in names if n not in present]
         if lost:
-            raise ValueError(f"re-parameterisation removes the target module(s) {lost}; measure them without "
+            raise TargetRemovedError(f"re-parameterisation removes the target module(s) {lost}; measure them without "
                              "reparameterize=True")
     if fold_bn:
         example = torch.zeros(1, 3, *input_hw, device=module_device(work))

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from erf_tools.engine.accumulate import ERFAccumulator
+from erf_tools.engine.batch_tuning import ThroughputTuner
 from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES, ConvergenceRule
 from erf_tools.engine.engine import PRECISIONS, ERFEngine, TargetGeometry, frozen_eval
-from erf_tools.engine.fastpaths import exact_fast_paths, prepare_model
+from erf_tools.engine.fastpaths import TargetRemovedError, exact_fast_paths, prepare_model
 from erf_tools.engine.memory import auto_batch_size, available_memory
 from erf_tools.engine.partial import fingerprint, load_partial, save_partial
 from erf_tools.engine.scheduling import Prefetcher, batches, compute_batches, input_stream
@@ -36,9 +37,11 @@ from erf_tools.results import ERFResult
 from erf_tools.targets import Target, resolve_targets
 from erf_tools.weights import WeightsInfo, find_silenced_branches, load_model, warn_if_silenced
 
-__all__ = ["MeasureConfig", "Measurement", "build_result", "measure_erf", "package_versions", "run_measurement"]
+__all__ = ["BATCH_SIZE_MODES", "MeasureConfig", "Measurement", "build_result", "measure_erf", "package_versions", "run_measurement"]
 
 ProgressCallback = Callable[[int, int], None]
+#: ``batch_size`` values that choose the size: by measured throughput within memory, or the largest that fits
+BATCH_SIZE_MODES = ("auto", "max")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class MeasureConfig:
 
     targets: str | nn.Module | Sequence[str | nn.Module] | None = None
     protocol: str = "replknet"
-    batch_size: int | str = 8
+    batch_size: int | str = "auto"
     device: str | torch.device = "cpu"
     num_images: int | str | None = None
     weights: str | None = None
@@ -72,7 +75,8 @@ class MeasureConfig:
     memory_budget: int | None = None
     prefetch: bool | None = None
     workers: int = 1
-    fast: bool = False
+    fast: bool = True
+    batched_vjp: bool = False
     until_half_width: float = DEFAULT_HALF_WIDTH
     max_images: int = DEFAULT_MAX_IMAGES
     options: dict[str, Any] = field(default_factory=dict)
@@ -95,8 +99,8 @@ class MeasureConfig:
         """Raise ``ValueError`` naming the first setting that cannot work."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
+        if self.batch_size not in BATCH_SIZE_MODES and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, 'auto' or 'max', got {self.batch_size!r}")
         if isinstance(self.num_images, str) and self.num_images != "auto":
             raise ValueError(f"num_images must be a number of images or 'auto', got {self.num_images!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -149,7 +153,7 @@ def measure_erf(
     *,
     targets: str | nn.Module | Sequence[str | nn.Module] | None = None,
     protocol: str = "replknet",
-    batch_size: int | str = 8,
+    batch_size: int | str = "auto",
     device: str | torch.device = "cpu",
     num_images: int | str | None = None,
     weights: str | None = None,
@@ -169,7 +173,8 @@ def measure_erf(
     memory_budget: int | None = None,
     prefetch: bool | None = None,
     workers: int = 1,
-    fast: bool = False,
+    fast: bool = True,
+    batched_vjp: bool = False,
     until_half_width: float = DEFAULT_HALF_WIDTH,
     max_images: int = DEFAULT_MAX_IMAGES,
     **options: Any,
@@ -187,17 +192,23 @@ def measure_erf(
         all targets come from one forward pass.
     protocol: ``"replknet"``, ``"kim2023"`` or ``"luo2016"``; ``**options`` override single choices
         (see :class:`erf_tools.protocols.ERFOptions`, e.g. ``gradient="abs"``, ``input_size=512``).
-    batch_size: images per forward/backward (the result does not depend on it beyond float rounding), or
-        ``"auto"``: the largest batch whose estimated peak memory fits ``memory_budget`` bytes (default: what is
-        free on ``device``), see :func:`erf_tools.engine.memory.auto_batch_size`.
+    batch_size: images per forward/backward (the result does not depend on it beyond float rounding); ``"auto"``
+        (default): chosen by measured throughput, the first batches trying 1, 2, 4, ... images up to the largest
+        batch whose estimated peak memory fits ``memory_budget`` bytes (default: what is free on ``device``),
+        see :class:`~erf_tools.engine.batch_tuning.ThroughputTuner`; ``"max"``: that largest batch
+        (:func:`erf_tools.engine.memory.auto_batch_size`). What was tried is in ``timing["engine"]``.
     precision: ``"fp32"`` (exact protocol), or ``"bf16"``/``"fp16"`` autocast for the forward (maps still accumulate
         exactly, see :class:`ExactSum`).
     channels_last: run the model with NHWC weights and inputs (on a private copy of the model).
     reparameterize, fold_bn, fft_depthwise: exact fast paths applied to a private copy (see :func:`prepare_model`):
         ``structural_reparam()`` for models that have it (RepLKNet), BN folded into convs, FFTs for depthwise
         convs with kernels of at least ``fft_depthwise`` pixels. Maps change by float rounding only.
-    fast: turn on every one of these exact fast paths that applies to the model (:func:`exact_fast_paths`);
-        the flags above add to it. RepLKNet-31B at 1024: 2.7x the published loop (``bench/RESULTS.md``).
+    fast: every one of these exact fast paths that applies to the model (:func:`exact_fast_paths`; default on,
+        the flags above add to it; a re-parameterisation that would remove a target module is then skipped).
+        ``fast=False`` measures the module as given, in the published training-time structure.
+    batched_vjp: with several targets, their input gradients from one backward pass vmapped over the targets'
+        cotangents instead of one backward per target (same maps to float rounding; faster only where
+        per-operator overhead dominates, see ``bench/RESULTS.md``).
     num_images: how many images to use (default: all the source has), or ``"auto"``: add images until every
         target's 95 % AGD interval is at most ``until_half_width`` wide on each side, or ``max_images`` are used
         (:class:`~erf_tools.engine.convergence.ConvergenceRule`; checked at 16, 24, 36, ... images). What happened
@@ -223,7 +234,7 @@ def measure_erf(
         weights=weights, seed=seed, precision=precision, channels_last=channels_last, keep_per_image=keep_per_image,
         per_image_resolution=per_image_resolution, partial_path=partial_path, checkpoint_every=checkpoint_every,
         resume=resume, shard=shard, reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise,
-        memory_budget=memory_budget, prefetch=prefetch, workers=workers, fast=fast,
+        memory_budget=memory_budget, prefetch=prefetch, workers=workers, fast=fast, batched_vjp=batched_vjp,
         until_half_width=until_half_width, max_images=max_images, options=options)
     return measure_with_config(model, images, config, progress)
 
@@ -266,18 +277,43 @@ def _with_fast_paths(model: nn.Module, config: MeasureConfig) -> MeasureConfig:
                           fft_depthwise=config.fft_depthwise or chosen["fft_depthwise"])
 
 
+def _prepared_model(model: nn.Module, resolved: list[Target], input_hw: tuple[int, int], config: MeasureConfig,
+                    explicit: MeasureConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`prepare_model` with the fast paths of ``config``; a re-parameterisation that only ``fast`` added (not
+    ``explicit``, the caller's own flags) is dropped when it would remove a target module."""
+    try:
+        return prepare_model(model, resolved, input_hw, reparameterize=config.reparameterize, fold_bn=config.fold_bn,
+                             fft_depthwise=config.fft_depthwise, channels_last=config.channels_last)
+    except TargetRemovedError:
+        if explicit.reparameterize or not config.reparameterize:
+            raise
+    work, info = prepare_model(model, resolved, input_hw, reparameterize=False, fold_bn=config.fold_bn,
+                               fft_depthwise=config.fft_depthwise, channels_last=config.channels_last)
+    return work, info | {"reparameterized": False, "reparameterize_skipped": "it would remove a target module"}
+
+
 def _batch_size(work: nn.Module, resolved: list[Target], input_hw: tuple[int, int], remaining: int,
-                config: MeasureConfig) -> tuple[int, bool]:
-    """The batch size to run with, and whether it was chosen automatically (``batch_size="auto"``)."""
-    if config.batch_size != "auto":
-        return int(config.batch_size), False
-    device = torch.device(config.device)
-    budget = (config.memory_budget if config.memory_budget is not None else available_memory(device)) \
-        // config.workers
-    size = auto_batch_size(work, input_hw, budget, targets=[t.module_name for t in resolved],
-                           protocol=config.protocol, precision=config.precision,
-                           channels_last=config.channels_last, device=device, **config.options)
-    return max(1, min(size, -(-remaining // config.workers))), True
+                config: MeasureConfig) -> int | ThroughputTuner:
+    """A fixed batch size, or for ``batch_size="auto"`` a :class:`ThroughputTuner` within the largest batch that
+    fits the memory budget (``"max"``: that largest batch itself; also ``"auto"`` with several workers, whose
+    batches overlap in time and cannot be timed one by one)."""
+    if config.batch_size not in BATCH_SIZE_MODES:
+        return int(config.batch_size)
+    per_worker = -(-remaining // config.workers)
+    if per_worker <= 2 and config.batch_size == "auto":
+        cap = max(per_worker, 1)  # nothing to choose from: skip the memory replay
+    else:
+        device = torch.device(config.device)
+        budget = (config.memory_budget if config.memory_budget is not None else available_memory(device)) \
+            // config.workers
+        options = {k: v for k, v in config.options.items() if k != "input_size"}  # input_hw is the size
+        cap = auto_batch_size(work, input_hw, budget, targets=[t.module_name for t in resolved],
+                              protocol=config.protocol, precision=config.precision,
+                              channels_last=config.channels_last, device=device, **options)
+        cap = max(1, min(cap, per_worker))
+    if config.batch_size == "max" or config.workers > 1:
+        return cap
+    return ThroughputTuner(cap)
 
 
 def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
@@ -289,6 +325,7 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
     model, model_name, weights_info = _model_and_weights(model, config)
     device = torch.device(config.device)
     resolved = resolve_targets(model, config.targets)
+    explicit = config
     config = _with_fast_paths(model, config)
     seed, shard, precision = config.seed, config.shard, config.precision
     rule = (ConvergenceRule(config.until_half_width, config.max_images, seed=seed)
@@ -311,25 +348,25 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
     stream_factory = stream
     stream = stream_factory(done)
 
-    work, engine_info = prepare_model(model, resolved, input_hw, reparameterize=config.reparameterize,
-                                      fold_bn=config.fold_bn, fft_depthwise=config.fft_depthwise,
-                                      channels_last=config.channels_last)
-    batch_size, automatic = _batch_size(work, resolved, input_hw, total_images - done, config)
-    if automatic:
-        engine_info["auto_batch_size"] = True
+    work, engine_info = _prepared_model(model, resolved, input_hw, config, explicit)
+    sizing = _batch_size(work, resolved, input_hw, total_images - done, config)
+    tuner = sizing if isinstance(sizing, ThroughputTuner) else None
+    if config.batch_size in BATCH_SIZE_MODES:
+        engine_info["auto_batch_size"] = config.batch_size
     channels_last, workers = config.channels_last, config.workers
-    engine_info |= {"batch_size": batch_size, "precision": precision, "channels_last": channels_last,
-                    "device": str(device), "shard": list(shard)}
+    engine_info |= {"batch_size": sizing if tuner is None else None, "precision": precision,
+                    "channels_last": channels_last, "device": str(device), "shard": list(shard)}
     if workers > 1:
         engine_info["workers"] = workers
-    engines = [ERFEngine(work if i == 0 else copy.deepcopy(work), resolved, opts, device, precision, channels_last)
-               for i in range(workers)]
+    engines = [ERFEngine(work if i == 0 else copy.deepcopy(work), resolved, opts, device, precision, channels_last,
+                         batched_vjp=config.batched_vjp) for i in range(workers)]
     prefetch = config.prefetch if config.prefetch is not None else device.type != "cpu"
-    batched = batches(stream, batch_size)
+    batched = batches(stream, tuner.next_size if tuner is not None else sizing)
     prefetcher = Prefetcher(batched, pin_memory=device.type == "cuda") if prefetch else None
     started = time.perf_counter()
     last_saved = done
     first_batch: tuple[float, int] | None = None  # (seconds, images) of the first batch: probes and window checks
+    batch_index, batch_started = 0, started
     with contextlib.ExitStack() as stack:
         for engine in engines:
             stack.enter_context(frozen_eval(engine.model))
@@ -339,6 +376,10 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
                 for name, accumulator in accumulators.items():
                     accumulator.add(maps[name], ids)
                 done += len(ids)
+                if tuner is not None:
+                    now = time.perf_counter()
+                    tuner.record(batch_index, len(ids), now - batch_started)
+                    batch_index, batch_started = batch_index + 1, now
                 if first_batch is None:
                     first_batch = (time.perf_counter() - started, len(ids))
                 if partial is not None and config.checkpoint_every and done - last_saved >= config.checkpoint_every:
@@ -361,6 +402,9 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
         elapsed = time.perf_counter() - started
         if first_batch is not None:
             engine_info["first_batch_seconds"], engine_info["first_batch_images"] = first_batch
+        if tuner is not None:
+            engine_info["batch_size"] = tuner.best
+            engine_info["batch_size_tuning"] = tuner.to_dict()
         windowed = sorted({name for e in engines for name in e.crops})
         if windowed:
             engine_info["windowed_targets"] = windowed

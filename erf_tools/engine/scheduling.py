@@ -15,14 +15,20 @@ from erf_tools.protocols import ERFOptions
 __all__ = ["LazyPreprocess", "Prefetcher", "batches", "compute_batches", "input_stream"]
 
 
-def batches(stream: Iterator[tuple[str, torch.Tensor]], batch_size: int) -> Iterator[tuple[list, torch.Tensor]]:
+def batches(stream: Iterator[tuple[str, torch.Tensor]],
+            batch_size: int | Callable[[], int]) -> Iterator[tuple[list, torch.Tensor]]:
+    """(ids, stacked tensors) of consecutive batches; ``batch_size`` is a size, or a function called for the size of
+    each new batch (:class:`~erf_tools.engine.batch_tuning.ThroughputTuner`)."""
+    size_of_next = batch_size if callable(batch_size) else (lambda: batch_size)
     ids, tensors = [], []
+    wanted = size_of_next()
     for image_id, tensor in stream:
         ids.append(image_id)
         tensors.append(tensor() if callable(tensor) else tensor)  # lazily preprocessed items (see input_stream)
-        if len(ids) == batch_size:
+        if len(ids) == wanted:
             yield ids, torch.stack(tensors)
             ids, tensors = [], []
+            wanted = size_of_next()
     if ids:
         yield ids, torch.stack(tensors)
 

@@ -31,7 +31,8 @@ DEFAULT_MEASURE: dict[str, Any] = {"images": "sample", "protocol": "replknet", "
 DEFAULT_BOOTSTRAP = 50
 #: measure_erf keywords that do not change the numbers (beyond float rounding), so they are not settings.
 NOT_SETTINGS = ("batch_size", "device", "progress", "workers", "prefetch", "memory_budget", "fast", "channels_last",
-                "reparameterize", "fold_bn", "fft_depthwise", "partial_path", "checkpoint_every", "resume")
+                "reparameterize", "fold_bn", "fft_depthwise", "batched_vjp", "partial_path", "checkpoint_every",
+                "resume")
 
 
 @dataclass
