@@ -28,6 +28,7 @@ generated, in whatever order.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,9 @@ class DeadLeavesModel:
         """JSON-native (lists, not tuples), so that a description read back from a file compares equal."""
         return {key: np.asarray(value).tolist() if isinstance(value, tuple) else value
                 for key, value in asdict(self).items()}
+
+
+_DEFAULT_MODEL = DeadLeavesModel()  # validated once, not on every image
 
 
 @dataclass(frozen=True)
@@ -344,10 +348,17 @@ def leaf_colours(rng: np.random.Generator, count: int, model: DeadLeavesModel) -
 
 
 def _colour_deviations(rng: np.random.Generator, count: int, model: DeadLeavesModel) -> np.ndarray:
-    cov = np.asarray(model.colour_cov, dtype=np.float64)
-    values, vectors = np.linalg.eigh(cov)
+    cov = tuple(tuple(float(value) for value in row) for row in model.colour_cov)  # hashable even if read from JSON
+    return rng.standard_normal((count, 3)) @ _colour_transform(cov).T
+
+
+@functools.lru_cache(maxsize=16)
+def _colour_transform(colour_cov: tuple[tuple[float, ...], ...]) -> np.ndarray:
+    """The square root of the colour covariance along its principal axes (computed once per covariance)."""
+    values, vectors = np.linalg.eigh(np.asarray(colour_cov, dtype=np.float64))
     transform = vectors * np.sqrt(np.clip(values, 0.0, None))
-    return rng.standard_normal((count, 3)) @ transform.T
+    transform.flags.writeable = False
+    return transform
 
 
 def _clip_colours(deviations: np.ndarray, model: DeadLeavesModel) -> np.ndarray:
@@ -433,7 +444,7 @@ def synthetic_image(seed: int, index: int, height: int, width: int,
     >>> synthetic_image(0, 3, 64, 48).shape
     (64, 48, 3)
     """
-    model = model or DeadLeavesModel()
+    model = model or _DEFAULT_MODEL
     if int(height) < 1 or int(width) < 1:
         raise SyntheticImageError(f"image size must be positive, got {height}×{width}")
     rng = image_rng(seed, index)
