@@ -23,6 +23,11 @@ bare, and those show a background leaf (behind all others, its colour from the s
 NeurIPS) found dead leaves with natural colour and texture among the procedural images closest to photographs for
 training networks; this module only uses the model as a test input, not for training.
 
+The random draws are NumPy's; the painting and colouring run in a compiled kernel (``csrc/dead_leaves_cpu.cpp``,
+built on first use by :mod:`erf_tools.extension_build`) that gives the NumPy painter's images bit for bit, or in NumPy
+(:class:`_Canvas`, :func:`render`), the reference and the fallback. Choose with :data:`generator_backend` or
+``ERF_TOOLS_DEAD_LEAVES`` (``auto``, ``compiled``, ``reference``).
+
 Everything is a pure function of (seed, index, size, model): image ``index`` of ``seed`` is the same whatever else is
 generated, in whatever order.
 """
