@@ -1,20 +1,25 @@
 """Synthetic (dead-leaves) image generation against PIL decoding a JPEG of the same size (issue 17).
 
-For each size S the loop alternates, per repeat: generate image ``i`` of the synthetic source at S×S, decode a
+For each size S the loop alternates, per repeat: generate image ``i`` of the synthetic source at S×S with the NumPy
+reference painter and with the compiled one (the same image, bit for bit; checked on every repeat), decode a
 quality-90 JPEG of S×S pixels (a scikit-image photograph resized, so its content is photographic), and decode the same
 JPEG and bring it to the network input like a photograph (``Preprocessing`` warp to S×S from an ImageNet-sized
-500×375 JPEG). Everything runs on one thread, so CPU time (``time.process_time``) is the cost; it is what the
-table reports (medians), because the wall time on a shared machine mostly measures the other jobs. Interleaving
-keeps conditions (caches, frequency) the same for all three.
+500×375 JPEG) against the compiled synthetic image brought to the input. Everything runs on one thread, so CPU time
+(``time.process_time``) is the cost; it is what the table reports (medians), because the wall time on a shared
+machine mostly measures the other jobs. Interleaving keeps conditions (caches, frequency) the same for all.
 
-    python bench/bench_images.py --sizes 224 512 1024 --repeats 15 --markdown
+``--profile S`` then runs cProfile over compiled generations at S×S and prints where the time goes.
+
+    python bench/bench_images.py --sizes 224 512 1024 --repeats 15 --markdown --profile 1024
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import os
 import platform
+import pstats
 import statistics
 import time
 from importlib import resources
@@ -26,7 +31,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from erf_tools.images import Preprocessing, to_rgb  # noqa: E402
-from erf_tools.synthetic_images import synthetic_image  # noqa: E402
+from erf_tools.synthetic_images import compiled_painter_available, generator_backend, synthetic_image  # noqa: E402
 
 
 def jpeg_bytes(width: int, height: int, quality: int = 90) -> bytes:
@@ -51,22 +56,54 @@ def timed(function) -> float:
     return time.process_time() - start
 
 
+def generate(backend: str, index: int, size: int) -> np.ndarray:
+    with generator_backend.use(backend):
+        return synthetic_image(0, index, size, size)
+
+
 def bench_size(size: int, repeats: int) -> dict[str, float]:
     same_size = jpeg_bytes(size, size)
     imagenet_like = jpeg_bytes(500, 375)
     preprocess = Preprocessing(size=(size, size))
-    synthetic_image(0, 0, size, size)  # warm-up (imports, allocator)
-    generate, jpeg, photo_pipeline, synthetic_pipeline = [], [], [], []
+    for backend in ("reference", "compiled"):
+        generate(backend, 0, size)  # warm-up (imports, allocator, extension)
+    times: dict[str, list[float]] = {k: [] for k in ("reference", "compiled", "jpeg", "photo", "synthetic")}
     for i in range(repeats):
-        generate.append(timed(lambda: synthetic_image(0, i + 1, size, size)))
-        jpeg.append(timed(lambda: decode(same_size)))
-        photo_pipeline.append(timed(lambda: preprocess(decode(imagenet_like))))
-        synthetic_pipeline.append(timed(lambda: preprocess(Image.fromarray(synthetic_image(0, i + 1, size, size)))))
-    median = statistics.median
-    return {"size": size, "generate_ms": 1e3 * median(generate), "jpeg_ms": 1e3 * median(jpeg),
-            "ratio": median(generate) / median(jpeg),
-            "synthetic_input_ms": 1e3 * median(synthetic_pipeline), "photo_input_ms": 1e3 * median(photo_pipeline),
-            "input_ratio": median(synthetic_pipeline) / median(photo_pipeline)}
+        images = {}
+        for backend in ("reference", "compiled"):
+            start = time.process_time()
+            images[backend] = generate(backend, i + 1, size)
+            times[backend].append(time.process_time() - start)
+        if not np.array_equal(images["reference"], images["compiled"]):
+            raise AssertionError(f"the compiled painter differs from NumPy at {size} px, image {i + 1}")
+        times["jpeg"].append(timed(lambda: decode(same_size)))
+        times["photo"].append(timed(lambda: preprocess(decode(imagenet_like))))
+        times["synthetic"].append(timed(lambda: preprocess(Image.fromarray(generate("compiled", i + 1, size)))))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {"size": size, "reference_ms": ms["reference"], "compiled_ms": ms["compiled"], "jpeg_ms": ms["jpeg"],
+            "reference_ratio": ms["reference"] / ms["jpeg"], "compiled_ratio": ms["compiled"] / ms["jpeg"],
+            "speedup": ms["reference"] / ms["compiled"], "synthetic_input_ms": ms["synthetic"],
+            "photo_input_ms": ms["photo"], "input_ratio": ms["synthetic"] / ms["photo"]}
+
+
+def profile(size: int, count: int = 20, top: int = 16) -> None:
+    """cProfile of ``count`` compiled generations at size×size: the functions with the most own time."""
+    generate("compiled", 0, size)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(count):
+        generate("compiled", i + 1, size)
+    profiler.disable()
+    print(f"\nProfile: {count} compiled generations at {size}×{size} (own time per call of synthetic_image)\n")
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    total = sum(value[2] for value in stats.values())
+    print("| function | own CPU ms per image | share |")
+    print("|---|---|---|")
+    for (file, line, name), (_, _, own, _, _) in rows:
+        where = name if file == "~" else f"{name} ({os.path.basename(file)}:{line})"
+        print(f"| `{where}` | {1e3 * own / count:.2f} | {100 * own / total:.0f} % |")
+    print(f"| all | {1e3 * total / count:.2f} | 100 % |")
 
 
 def main() -> None:
@@ -74,23 +111,30 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--profile", type=int, metavar="S", help="then profile compiled generation at S×S")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if not compiled_painter_available():
+        raise SystemExit("the compiled dead-leaves painter cannot be built here")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"numpy {np.__version__}, torch {torch.__version__}, Pillow {Image.__version__}, 1 thread, "
           f"{platform.machine()}, load average {load:.1f} at start; CPU time, medians of {args.repeats} interleaved "
           "repeats")
     rows = [bench_size(size, args.repeats) for size in args.sizes]
     if args.markdown:
-        print("| size | generate (CPU ms) | decode JPEG S×S (CPU ms) | generate / decode | synthetic → input tensor "
-              "(CPU ms) | 500×375 JPEG → input tensor (CPU ms) | synthetic / photo input |")
-        print("|---|---|---|---|---|---|---|")
+        print("| size | generate, NumPy (CPU ms) | generate, compiled (CPU ms) | decode JPEG S×S (CPU ms) | NumPy / "
+              "decode | compiled / decode | NumPy / compiled | compiled synthetic → input tensor (CPU ms) | "
+              "500×375 JPEG → input tensor (CPU ms) | synthetic / photo input |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['size']}² | {r['generate_ms']:.1f} | {r['jpeg_ms']:.1f} | {r['ratio']:.1f}× | "
+            print(f"| {r['size']}² | {r['reference_ms']:.1f} | {r['compiled_ms']:.1f} | {r['jpeg_ms']:.1f} | "
+                  f"{r['reference_ratio']:.1f}× | {r['compiled_ratio']:.1f}× | {r['speedup']:.1f}× | "
                   f"{r['synthetic_input_ms']:.1f} | {r['photo_input_ms']:.1f} | {r['input_ratio']:.1f}× |")
     else:
         for r in rows:
             print(r)
+    if args.profile:
+        profile(args.profile)
 
 
 if __name__ == "__main__":

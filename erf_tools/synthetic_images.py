@@ -23,16 +23,25 @@ bare, and those show a background leaf (behind all others, its colour from the s
 NeurIPS) found dead leaves with natural colour and texture among the procedural images closest to photographs for
 training networks; this module only uses the model as a test input, not for training.
 
+The random draws are NumPy's; the painting and colouring run in a compiled kernel (``csrc/dead_leaves_cpu.cpp``,
+built on first use by :mod:`erf_tools.extension_build`) that gives the NumPy painter's images bit for bit, or in NumPy
+(:class:`_Canvas`, :func:`render`), the reference and the fallback. Choose with :data:`generator_backend` or
+``ERF_TOOLS_DEAD_LEAVES`` (``auto``, ``compiled``, ``reference``).
+
 Everything is a pure function of (seed, index, size, model): image ``index`` of ``seed`` is the same whatever else is
 generated, in whatever order.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from erf_tools.extension_build import BackendChoice, CppExtension, ExtensionUnavailable
 
 #: Mean RGB (0..1) of the pixels of scikit-image's colour photographs astronaut, chelsea, coffee, rocket and
 #: motorcycle_left (every 7th pixel, 183 034 pixels).
@@ -48,10 +57,33 @@ PHOTOGRAPH_COLOUR_COV = (
 STAMP_RADIUS = 32
 #: ITU-R BT.601 luma weights, for the luminance statistics.
 LUMA = (0.299, 0.587, 0.114)
+#: Environment variable choosing the painter: ``auto`` (default), ``compiled`` or ``reference`` (NumPy).
+ENV_VAR = "ERF_TOOLS_DEAD_LEAVES"
 
 
 class SyntheticImageError(ValueError):
     """Bad parameters for the synthetic image model."""
+
+
+class CompiledPainterUnavailable(ExtensionUnavailable):
+    """The compiled dead-leaves painter could not be built or loaded (the message says why)."""
+
+
+#: The compiled painter (``csrc/dead_leaves_cpu.cpp``): the same pixels as the NumPy :class:`_Canvas` and
+#: :func:`render`, bit for bit; built on first use. ``-ffp-contract=off``: no fused multiply-adds, so that the
+#: double disc test and the float32 colouring round as NumPy's separate operations do.
+EXTENSION = CppExtension("erf_tools_dead_leaves_cpu", Path(__file__).with_name("csrc") / "dead_leaves_cpu.cpp",
+                         what="the compiled dead-leaves painter", error=CompiledPainterUnavailable,
+                         extra_cflags=["-ffp-contract=off"], python_module=True)
+#: Which painter :func:`synthetic_image` and :func:`dead_leaves_labels` use: ``generator_backend.get()``,
+#: ``.set("reference")``, ``with generator_backend.use("compiled"): ...``; else ``$ERF_TOOLS_DEAD_LEAVES``, else
+#: ``auto`` (compiled if it builds, else NumPy with one warning). Both draw the same random numbers and pixels.
+generator_backend = BackendChoice(ENV_VAR, "compiled", "dead-leaves generator")
+
+
+def compiled_painter_available() -> bool:
+    """Whether the compiled painter is built and loaded (builds it on the first call)."""
+    return EXTENSION.available()
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,9 @@ class DeadLeavesModel:
         """JSON-native (lists, not tuples), so that a description read back from a file compares equal."""
         return {key: np.asarray(value).tolist() if isinstance(value, tuple) else value
                 for key, value in asdict(self).items()}
+
+
+_DEFAULT_MODEL = DeadLeavesModel()  # validated once, not on every image
 
 
 @dataclass(frozen=True)
@@ -160,7 +195,8 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 
 
 class _Canvas:
-    """Leaf labels on a padded canvas: the smallest (front-most) index of the leaves covering each pixel.
+    """Leaf labels on a padded canvas: the smallest (front-most) index of the leaves covering each pixel; the NumPy
+    reference painter (the compiled one in ``csrc/dead_leaves_cpu.cpp`` has the same methods and pixels).
 
     Leaves are drawn in batches of increasing index; a pixel keeps the smallest index (scatter-min), so a batch may
     be drawn in any order. Before a batch, leaves whose bounding box meets no BLOCK×BLOCK block with a bare pixel are
@@ -173,30 +209,46 @@ class _Canvas:
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width, self.pad = height, width, 2 * STAMP_RADIUS + 1
         self.row = width + 2 * self.pad
-        self.bare = np.iinfo(np.int32).max
-        self.labels = torch.full(((height + 2 * self.pad) * self.row,), self.bare, dtype=torch.int32)
+        self.unset = np.iinfo(np.int32).max
+        self.flat = torch.full(((height + 2 * self.pad) * self.row,), self.unset, dtype=torch.int32)
         self.offsets = (_STAMP_OFFSETS[0] * self.row + _STAMP_OFFSETS[1]).astype(np.int64)
+        self.table, self.bare = self.bare_table()
 
     def view(self) -> torch.Tensor:
-        grid = self.labels.view(self.height + 2 * self.pad, self.row)
+        grid = self.flat.view(self.height + 2 * self.pad, self.row)
         return grid[self.pad:self.pad + self.height, self.pad:self.pad + self.width]
+
+    def labels(self) -> np.ndarray:
+        """The labels, int32 H×W, -1 where no leaf landed."""
+        labels = self.view().numpy().copy()
+        labels[labels == self.unset] = -1
+        return labels
+
+    def visible(self) -> None:
+        """``None``: :func:`leaf_tables` computes every leaf's row, as the reference always did (the compiled canvas
+        names the leaves that show, and only their rows are computed)."""
+        return None
 
     def bare_table(self) -> tuple[np.ndarray, int]:
         """Summed-area table of the BLOCK×BLOCK blocks holding a bare pixel, (blocks_y + 1) × (blocks_x + 1), and
         the number of bare pixels."""
-        bare = (self.view() == self.bare).to(torch.float32)
+        bare = (self.view() == self.unset).to(torch.float32)
         blocks = torch.nn.functional.max_pool2d(bare[None], self.BLOCK, ceil_mode=True)[0].numpy()
         table = np.zeros((blocks.shape[0] + 1, blocks.shape[1] + 1), dtype=np.int32)
         table[1:, 1:] = blocks.cumsum(axis=0).cumsum(axis=1)
         return table, int(bare.sum())
 
-    def draw(self, leaves: Leaves, first_index: int, table: np.ndarray) -> None:
-        """Draw leaves numbered first_index, first_index + 1, ...; ``table``: :meth:`bare_table` before it."""
-        r = leaves.radius
+    def paint(self, centre_y: np.ndarray, centre_x: np.ndarray, r: np.ndarray, first_index: int,
+              stamp_radius: float) -> int:
+        """Draw leaves numbered first_index, first_index + 1, ... (leaves up to ``stamp_radius`` stamped, which
+        must be :data:`STAMP_RADIUS` here); returns the number of bare pixels left."""
+        if stamp_radius != STAMP_RADIUS:
+            raise ValueError(f"the NumPy canvas stamps leaves up to {STAMP_RADIUS} px, not {stamp_radius}")
+        table = self.table
         # Small leaves are stamped about the nearest pixel centre: their boxes are taken about that centre too.
         stamped = r <= STAMP_RADIUS
-        cy = np.where(stamped, np.rint(leaves.centre_y), leaves.centre_y)
-        cx = np.where(stamped, np.rint(leaves.centre_x), leaves.centre_x)
+        cy = np.where(stamped, np.rint(centre_y), centre_y)
+        cx = np.where(stamped, np.rint(centre_x), centre_x)
         y0 = np.clip(np.ceil(cy - r), 0, self.height).astype(np.int64)
         y1 = np.clip(np.floor(cy + r) + 1, 0, self.height).astype(np.int64)
         x0 = np.clip(np.ceil(cx - r), 0, self.width).astype(np.int64)
@@ -225,8 +277,22 @@ class _Canvas:
             region = grid[top:bottom, left:right]
             region[(rows * rows + cols * cols <= radius * radius) & (region > i)] = i
         if pixels:
-            self.labels.scatter_reduce_(0, torch.from_numpy(np.concatenate(pixels)),
-                                        torch.from_numpy(np.concatenate(labels)), "amin")
+            self.flat.scatter_reduce_(0, torch.from_numpy(np.concatenate(pixels)),
+                                         torch.from_numpy(np.concatenate(labels)), "amin")
+        self.table, self.bare = self.bare_table()
+        return self.bare
+
+    def render(self, offset: np.ndarray, gain_y: np.ndarray, gain_x: np.ndarray, colours: np.ndarray) -> np.ndarray:
+        """RGB uint8 H×W×3 from the tables of :func:`render_tables`."""
+        return _colour_labels(self.labels(), offset, gain_y, gain_x, colours)
+
+
+def _new_canvas(height: int, width: int) -> Any:
+    """An empty canvas of the painter in force (:data:`generator_backend`)."""
+    if EXTENSION.wanted(generator_backend.get(), f"using the NumPy reference painter (slower). Set {ENV_VAR}="
+                        "reference to silence this.", stacklevel=3):
+        return EXTENSION.load().Canvas(height, width)
+    return _Canvas(height, width)
 
 
 def sample_leaves(rng: np.random.Generator, height: int, width: int, model: DeadLeavesModel,
@@ -260,32 +326,92 @@ def dead_leaves_labels(
     rng: np.random.Generator, height: int, width: int, model: DeadLeavesModel
 ) -> tuple[np.ndarray, Leaves]:
     """The front-most leaf of every pixel (int32 H×W, -1 where no leaf landed) and the leaves drawn, in order."""
-    canvas = _Canvas(height, width)
+    canvas = _new_canvas(height, width)
+    leaves = _lay_leaves(rng, height, width, model, canvas)
+    return canvas.labels(), leaves
+
+
+def _lay_leaves(rng: np.random.Generator, height: int, width: int, model: DeadLeavesModel, canvas: Any) -> Leaves:
+    """Draw batches of leaves onto ``canvas`` until fewer than ``max_uncovered`` of the pixels are bare."""
     drawn: list[Leaves] = []
     total = 0
     # The first batch covers each point twice on average (86 % of the pixels), each later one once more; coverage is
     # checked between batches.
     for attempt in range(64):
-        table, bare = canvas.bare_table()
-        if bare < model.max_uncovered * height * width:
+        if canvas.bare < model.max_uncovered * height * width:
             break
         leaves = sample_leaves(rng, height, width, model, 2.0 if attempt == 0 else 1.0)
-        canvas.draw(leaves, total, table)
+        canvas.paint(leaves.centre_y, leaves.centre_x, leaves.radius, total, STAMP_RADIUS)
         drawn.append(leaves)
         total += len(leaves.radius)
-    labels = canvas.view().numpy().copy()
-    labels[labels == canvas.bare] = -1
-    all_leaves = Leaves(*(np.concatenate([getattr(b, f) for b in drawn]) for f in ("centre_y", "centre_x", "radius")))
-    return labels, all_leaves
+    return Leaves(*(np.concatenate([getattr(b, f) for b in drawn]) for f in ("centre_y", "centre_x", "radius")))
 
 
 def leaf_colours(rng: np.random.Generator, count: int, model: DeadLeavesModel) -> np.ndarray:
     """``count`` RGB colours (0..1, float32) from the Gaussian colour model, clipped to the RGB cube."""
-    cov = np.asarray(model.colour_cov, dtype=np.float64)
-    values, vectors = np.linalg.eigh(cov)
+    return _clip_colours(_colour_deviations(rng, count, model), model)
+
+
+def _colour_deviations(rng: np.random.Generator, count: int, model: DeadLeavesModel) -> np.ndarray:
+    cov = tuple(tuple(float(value) for value in row) for row in model.colour_cov)  # hashable even if read from JSON
+    return rng.standard_normal((count, 3)) @ _colour_transform(cov).T
+
+
+@functools.lru_cache(maxsize=16)
+def _colour_transform(colour_cov: tuple[tuple[float, ...], ...]) -> np.ndarray:
+    """The square root of the colour covariance along its principal axes (computed once per covariance)."""
+    values, vectors = np.linalg.eigh(np.asarray(colour_cov, dtype=np.float64))
     transform = vectors * np.sqrt(np.clip(values, 0.0, None))
-    colours = np.asarray(model.colour_mean) + rng.standard_normal((count, 3)) @ transform.T
-    return np.clip(colours, 0.0, 1.0).astype(np.float32)
+    transform.flags.writeable = False
+    return transform
+
+
+def _clip_colours(deviations: np.ndarray, model: DeadLeavesModel) -> np.ndarray:
+    return np.clip(np.asarray(model.colour_mean) + deviations, 0.0, 1.0).astype(np.float32)
+
+
+def leaf_tables(rng: np.random.Generator, leaves: Leaves, model: DeadLeavesModel,
+                shown: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw the leaves' colours and shading (in this order: colours, one more for the background, shading
+    directions, amplitudes) and return the per-label float32 tables of :func:`render_tables`.
+
+    ``shown``: indices of the leaves that show on the image; only their rows (and the background's) are computed,
+    the others are 0. The random draws are the same either way, and so are the rows computed (element by element the
+    same operations), so the image is too."""
+    count = len(leaves.radius)
+    deviations = _colour_deviations(rng, count + 1, model)
+    angle = rng.random(count)
+    amplitude = rng.random(count)
+    if shown is None:
+        colours = _clip_colours(deviations, model)
+        return render_tables(leaves, colours, _shade(angle, amplitude, leaves.radius, model))
+    rows = np.append(shown, count)
+    subset = Leaves(leaves.centre_y[shown], leaves.centre_x[shown], leaves.radius[shown])
+    tables = render_tables(subset, _clip_colours(deviations[rows], model),
+                           _shade(angle[shown], amplitude[shown], subset.radius, model))
+    full = [np.zeros((count + 1, *table.shape[1:]), dtype=np.float32) for table in tables]
+    for whole, part in zip(full, tables):
+        whole[rows] = part
+    return tuple(full)
+
+
+def _shade(uniform_angle: np.ndarray, uniform_amplitude: np.ndarray, radius: np.ndarray,
+           model: DeadLeavesModel) -> np.ndarray:
+    """Each leaf's luminance gradient (d/dy, d/dx) per pixel: a uniform direction, a relative amplitude uniform in
+    [0, shading] at the rim."""
+    angle = uniform_angle * 2 * np.pi
+    amplitude = uniform_amplitude * model.shading / radius
+    return np.stack([np.sin(angle), np.cos(angle)], axis=1) * amplitude[:, None]
+
+
+def render_tables(leaves: Leaves, colours: np.ndarray,
+                  shade: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label float32 tables of :func:`render`, one row per leaf plus the background's: the gain is affine in
+    (y, x) per leaf, ``offset + gain_y·y + gain_x·x`` (the background is flat), and ``colours`` is 0..255."""
+    gain_y = np.append(shade[:, 0], 0.0).astype(np.float32)
+    gain_x = np.append(shade[:, 1], 0.0).astype(np.float32)
+    offset = np.append(1.0 - shade[:, 0] * leaves.centre_y - shade[:, 1] * leaves.centre_x, 1.0).astype(np.float32)
+    return offset, gain_y, gain_x, (colours * 255.0).astype(np.float32)
 
 
 def render(labels: np.ndarray, leaves: Leaves, colours: np.ndarray, shade: np.ndarray) -> np.ndarray:
@@ -294,21 +420,23 @@ def render(labels: np.ndarray, leaves: Leaves, colours: np.ndarray, shade: np.nd
     ``colours`` has one row per leaf plus a last row for the background (label -1); ``shade`` (count×2) is each
     leaf's luminance gradient (d/dy, d/dx) per pixel, zero at the leaf's centre.
     """
+    return _colour_labels(labels, *render_tables(leaves, colours, shade))
+
+
+def _colour_labels(labels: np.ndarray, offset: np.ndarray, gain_y: np.ndarray, gain_x: np.ndarray,
+                   colours: np.ndarray) -> np.ndarray:
+    """The NumPy colouring from the tables of :func:`render_tables` (float32, in this order of operations)."""
     height, width = labels.shape
     # One index array of the platform's integer type: np.take would convert an int32 one on every call.
     index = np.where(labels < 0, len(colours) - 1, labels).astype(np.intp).reshape(height, width)
-    # The gain is affine in (y, x) per leaf, 1 + gy·(y - cy) + gx·(x - cx); the background is flat.
-    gy = np.append(shade[:, 0], 0.0).astype(np.float32)
-    gx = np.append(shade[:, 1], 0.0).astype(np.float32)
-    offset = np.append(1.0 - shade[:, 0] * leaves.centre_y - shade[:, 1] * leaves.centre_x, 1.0).astype(np.float32)
     gain = np.take(offset, index)
-    term = np.take(gy, index)
+    term = np.take(gain_y, index)
     term *= np.arange(height, dtype=np.float32)[:, None]
     gain += term
-    np.take(gx, index, out=term)
+    np.take(gain_x, index, out=term)
     term *= np.arange(width, dtype=np.float32)[None, :]
     gain += term
-    rgb = np.take((colours * 255.0).astype(np.float32), index, axis=0)
+    rgb = np.take(colours, index, axis=0)
     rgb *= gain[..., None]
     rgb += 0.5
     return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
@@ -321,17 +449,13 @@ def synthetic_image(seed: int, index: int, height: int, width: int,
     >>> synthetic_image(0, 3, 64, 48).shape
     (64, 48, 3)
     """
-    model = model or DeadLeavesModel()
+    model = model or _DEFAULT_MODEL
     if int(height) < 1 or int(width) < 1:
         raise SyntheticImageError(f"image size must be positive, got {height}×{width}")
     rng = image_rng(seed, index)
-    labels, leaves = dead_leaves_labels(rng, int(height), int(width), model)
-    count = len(leaves.radius)
-    colours = leaf_colours(rng, count + 1, model)
-    angle = rng.random(count) * 2 * np.pi
-    amplitude = rng.random(count) * model.shading / leaves.radius
-    shade = np.stack([np.sin(angle), np.cos(angle)], axis=1) * amplitude[:, None]
-    return render(labels, leaves, colours, shade)
+    canvas = _new_canvas(int(height), int(width))
+    leaves = _lay_leaves(rng, int(height), int(width), model, canvas)
+    return canvas.render(*leaf_tables(rng, leaves, model, canvas.visible()))
 
 
 def radial_power_spectrum(luminance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

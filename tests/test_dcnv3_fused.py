@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from erf_tools.extension_build import BuildState
 from erf_tools.layers import dcnv3_fused
 from erf_tools.layers.dcnv3 import DCNv3, dcnv3_core
 from erf_tools.layers.dcnv3_fused import (
@@ -206,9 +207,7 @@ def test_backend_selection(monkeypatch):
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch):
     """A missing compiler: auto warns once and uses the reference; forcing "fused" is a clear error."""
-    state = dcnv3_fused._State()
-    state.error = "CalledProcessError: no compiler"
-    monkeypatch.setattr(dcnv3_fused, "_state", state)
+    monkeypatch.setattr(dcnv3_fused.EXTENSION, "state", BuildState(error="CalledProcessError: no compiler"))
     monkeypatch.delenv(dcnv3_fused.ENV_VAR, raising=False)
     inputs, geometry = random_case(10, n=1, height=3, width=3, group=1, group_channels=2, kernel_size=3)
     with warnings.catch_warnings(record=True) as caught:

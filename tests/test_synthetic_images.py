@@ -1,17 +1,24 @@
 """Issue 17: the dead-leaves image generator and the independent-source accounting of image sources."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from erf_tools import synthetic_images
+from erf_tools.extension_build import BuildState
 from erf_tools.images import ImageSourceError, iter_inputs, open_image_source, preprocessing_for
 from erf_tools.synthetic_images import (
     STAMP_RADIUS,
+    CompiledPainterUnavailable,
     DeadLeavesModel,
     SyntheticImageError,
     dead_leaves_labels,
+    compiled_painter_available,
     expected_edge_density,
+    generator_backend,
     image_rng,
     leaf_colours,
     luminance,
@@ -65,11 +72,18 @@ def test_any_size_rgb_uint8(height, width):
     assert image.shape == (height, width, 3) and image.dtype == np.uint8
 
 
-def test_labels_match_a_naive_painter():
-    """Front-to-back drawing with culling and scatter-min equals painting every leaf back to front."""
+needs_compiled = pytest.mark.skipif(not compiled_painter_available(),
+                                    reason="the compiled dead-leaves painter cannot be built here")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("compiled", marks=needs_compiled)])
+def test_labels_match_a_naive_painter(backend):
+    """Front-to-back drawing with culling (scatter-min in NumPy, first writer in C++) equals painting every leaf
+    back to front."""
     model = DeadLeavesModel(r_max_fraction=0.4)
     for index, (height, width) in enumerate([(37, 53), (80, 41), (20, 90)]):
-        labels, leaves = dead_leaves_labels(image_rng(7, index), height, width, model)
+        with generator_backend.use(backend):
+            labels, leaves = dead_leaves_labels(image_rng(7, index), height, width, model)
         reference = np.full((height, width), -1)
         ys, xs = np.mgrid[0:height, 0:width]
         for i in range(len(leaves.radius) - 1, -1, -1):
@@ -80,6 +94,97 @@ def test_labels_match_a_naive_painter():
             reference[(ys - cy) ** 2 + (xs - cx) ** 2 <= r * r] = i
         np.testing.assert_array_equal(labels, reference)
         assert (labels < 0).mean() < model.max_uncovered
+
+
+# ---------------------------------------------------------------------------------------------- the compiled painter
+CUSTOM_MODEL = DeadLeavesModel(exponent=2.5, r_min=0.7, r_max_fraction=1.5, shading=0.6, max_uncovered=0.05)
+
+
+def both_backends(seed, index, height, width, model=None):
+    with generator_backend.use("reference"):
+        reference = synthetic_image(seed, index, height, width, model)
+    with generator_backend.use("compiled"):
+        compiled = synthetic_image(seed, index, height, width, model)
+    return reference, compiled
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed,index,height,width,model", [
+    (0, 0, 64, 64, None),
+    (1, 4, 37, 130, None),      # non-square, wide
+    (2, 1, 151, 23, None),      # non-square, tall
+    (3, 0, 1, 1, None),         # tiny: one pixel
+    (3, 2, 2, 3, None),
+    (4, 7, 9, 5, CUSTOM_MODEL),  # leaves larger than the image (r_max = 1.5 × the short side)
+    (5, 3, 60, 90, CUSTOM_MODEL),
+    (6, 5, 200, 160, None),      # r_max 80 px: leaves drawn on their box (r > STAMP_RADIUS) as well as stamped
+    (7, 1, 96, 96, DeadLeavesModel(shading=0.0, r_min=3.0, max_uncovered=0.2)),
+])
+def test_compiled_painter_matches_numpy_bit_for_bit(seed, index, height, width, model):
+    reference, compiled = both_backends(seed, index, height, width, model)
+    assert compiled.dtype == np.uint8 and compiled.shape == (height, width, 3)
+    np.testing.assert_array_equal(compiled, reference)
+
+
+@needs_compiled
+def test_compiled_labels_and_leaves_match_numpy():
+    """The leaf count (the stopping rule), the draws and the front-most leaf of every pixel, background included."""
+    model = DeadLeavesModel(max_uncovered=0.3)  # stops early: many background pixels
+    for index, (height, width) in enumerate([(48, 70), (130, 33)]):
+        results = []
+        for backend in ("reference", "compiled"):
+            with generator_backend.use(backend):
+                results.append(dead_leaves_labels(image_rng(11, index), height, width, model))
+        (ref_labels, ref_leaves), (labels, leaves) = results
+        np.testing.assert_array_equal(labels, ref_labels)
+        assert (labels < 0).any()
+        for field in ("centre_y", "centre_x", "radius"):
+            np.testing.assert_array_equal(getattr(leaves, field), getattr(ref_leaves, field))
+
+
+@needs_compiled
+def test_generator_backend_switch(monkeypatch):
+    monkeypatch.setenv(synthetic_images.ENV_VAR, "reference")
+    assert generator_backend.get() == "reference"
+    calls = []
+    original = synthetic_images.EXTENSION.load
+    monkeypatch.setattr(synthetic_images.EXTENSION, "load", lambda: calls.append(1) or original())
+    reference = synthetic_image(0, 2, 30, 40)
+    assert calls == []
+    with generator_backend.use("compiled"):
+        assert generator_backend.get() == "compiled"
+        compiled = synthetic_image(0, 2, 30, 40)
+    assert calls and generator_backend.get() == "reference"
+    np.testing.assert_array_equal(compiled, reference)
+    previous = generator_backend.set("compiled")
+    try:
+        assert previous is None and generator_backend.get() == "compiled"
+    finally:
+        generator_backend.set(previous)
+    monkeypatch.setenv(synthetic_images.ENV_VAR, " Auto ")
+    assert generator_backend.get() == "auto"
+    monkeypatch.setenv(synthetic_images.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        generator_backend.get()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        generator_backend.set("fused")
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    """A missing compiler: auto warns once and uses NumPy; forcing "compiled" is a clear error."""
+    monkeypatch.setattr(synthetic_images.EXTENSION, "state", BuildState(error="CalledProcessError: no compiler"))
+    monkeypatch.delenv(synthetic_images.ENV_VAR, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = synthetic_image(1, 0, 24, 31)
+        second = synthetic_image(1, 1, 24, 31)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no compiler" in messages[0] and synthetic_images.ENV_VAR in messages[0]
+    with generator_backend.use("reference"):
+        np.testing.assert_array_equal(first, synthetic_image(1, 0, 24, 31))
+        np.testing.assert_array_equal(second, synthetic_image(1, 1, 24, 31))
+    with generator_backend.use("compiled"), pytest.raises(CompiledPainterUnavailable, match="no compiler"):
+        synthetic_image(1, 0, 24, 31)
 
 
 def test_bad_parameters_are_named():

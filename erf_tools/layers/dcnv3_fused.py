@@ -8,8 +8,8 @@ backward for value, offset and mask (value gradient scattered into per-thread bu
 atomics, deterministic for a given thread count). It computes the same function (same positions, zero padding,
 dilation, group layout), equal to the reference to float rounding.
 
-The extension is compiled with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler with OpenMP and the
-``ninja`` build tool) into the torch extensions directory (``TORCH_EXTENSIONS_DIR``, by default
+The extension is compiled on first use by :mod:`erf_tools.extension_build` (needs a C++ compiler with OpenMP and
+the ``ninja`` build tool) into the torch extensions directory (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), once per source version. If that fails the reference is used, with one warning.
 
 Choose the path with the environment variable ``ERF_TOOLS_DCNV3_CORE`` (``auto``, the default: fused where it
@@ -18,18 +18,17 @@ applies, else the reference; ``fused``: fused, an error if it cannot be built; `
 """
 from __future__ import annotations
 
-import logging
-import os
-import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from erf_tools.extension_build import BackendChoice, CppExtension, ExtensionUnavailable
+
 __all__ = [
     "BACKENDS",
+    "EXTENSION",
     "FusedCoreUnavailable",
     "core_backend",
     "fused_core_available",
@@ -40,107 +39,14 @@ __all__ = [
     "use_fused_core",
 ]
 
-BACKENDS = ("auto", "fused", "reference")
 ENV_VAR = "ERF_TOOLS_DCNV3_CORE"
 SOURCE = Path(__file__).with_name("csrc") / "dcnv3_cpu.cpp"
 EXTENSION_NAME = "erf_tools_dcnv3_cpu"
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-class FusedCoreUnavailable(RuntimeError):
+class FusedCoreUnavailable(ExtensionUnavailable):
     """The fused DCNv3 extension could not be built or loaded (the message says why)."""
-
-
-class _State:
-    """Process-wide: the chosen backend and the outcome of the one build attempt."""
-
-    def __init__(self) -> None:
-        self.backend: str | None = None  # None: read the environment variable
-        self.loaded = False
-        self.error: str | None = None
-        self.warned = False
-        self.lock = threading.Lock()
-
-
-_state = _State()
-
-
-def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"DCNv3 core backend must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def get_core_backend() -> str:
-    """The backend in force: the one set by :func:`set_core_backend`, else ``$ERF_TOOLS_DCNV3_CORE``, else auto."""
-    if _state.backend is not None:
-        return _state.backend
-    return _check_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
-
-
-def set_core_backend(name: str | None) -> str | None:
-    """Force ``"fused"`` or ``"reference"``, or ``"auto"``; ``None`` goes back to the environment variable.
-
-    Returns the previous setting (``None`` if it came from the environment)."""
-    previous = _state.backend
-    _state.backend = None if name is None else _check_backend(name)
-    return previous
-
-
-@contextmanager
-def core_backend(name: str) -> Iterator[None]:
-    """``with core_backend("reference"): ...`` runs the block with that backend."""
-    previous = set_core_backend(name)
-    try:
-        yield
-    finally:
-        _state.backend = previous
-
-
-def load_extension() -> None:
-    """Build (first time only, cached on disk) and load the extension; :class:`FusedCoreUnavailable` if impossible.
-
-    Tried once per process: a failure is remembered, so a missing compiler costs one attempt, not one per call."""
-    with _state.lock:
-        if _state.loaded:
-            return
-        if _state.error is None:
-            try:
-                _build()
-                _state.loaded = True
-                return
-            except Exception as error:  # noqa: BLE001 - a compiler, ninja or loader failure of any kind
-                _state.error = f"{type(error).__name__}: {error}".strip()
-        raise FusedCoreUnavailable(f"the fused DCNv3 CPU core could not be built: {_state.error}")
-
-
-def _build() -> None:
-    if not SOURCE.is_file():
-        raise FileNotFoundError(f"missing kernel source {SOURCE.name}")
-    # importing cpp_extension logs a CUDA_HOME notice on machines without CUDA: irrelevant to a CPU-only kernel
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        cpp_logger.setLevel(level)
-
-    capability, isa_flags = _instruction_set()
-    load(name=f"{EXTENSION_NAME}_{capability}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    _register_fake()
-
-
-def _instruction_set() -> tuple[str, list[str]]:
-    """The vector instruction set torch detected on this CPU and the compiler flags for it.
-
-    It is part of the extension's name, so that a cache directory shared by different machines never hands an
-    AVX-512 build to a CPU without AVX-512."""
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    flags = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
-             "avx2": ["-mavx2", "-mfma"]}
-    return (capability, flags[capability]) if capability in flags else ("default", [])
 
 
 def _register_fake() -> None:
@@ -155,13 +61,42 @@ def _register_fake() -> None:
         return torch.empty_like(value), torch.empty_like(offset), torch.empty_like(mask)
 
 
+#: The extension (its build state: ``EXTENSION.state``); it registers the ops ``erf_tools_dcnv3::forward/backward``.
+EXTENSION = CppExtension(EXTENSION_NAME, SOURCE, what="the fused DCNv3 CPU core", error=FusedCoreUnavailable,
+                         openmp=True, after_load=_register_fake)
+_CHOICE = BackendChoice(ENV_VAR, "fused", "DCNv3 core")
+BACKENDS = _CHOICE.names
+
+
+def get_core_backend() -> str:
+    """The backend in force: the one set by :func:`set_core_backend`, else ``$ERF_TOOLS_DCNV3_CORE``, else auto."""
+    return _CHOICE.get()
+
+
+def set_core_backend(name: str | None) -> str | None:
+    """Force ``"fused"`` or ``"reference"``, or ``"auto"``; ``None`` goes back to the environment variable.
+
+    Returns the previous setting (``None`` if it came from the environment)."""
+    return _CHOICE.set(name)
+
+
+@contextmanager
+def core_backend(name: str) -> Iterator[None]:
+    """``with core_backend("reference"): ...`` runs the block with that backend."""
+    with _CHOICE.use(name):
+        yield
+
+
+def load_extension() -> None:
+    """Build (first time only, cached on disk) and load the extension; :class:`FusedCoreUnavailable` if impossible.
+
+    Tried once per process: a failure is remembered, so a missing compiler costs one attempt, not one per call."""
+    EXTENSION.load()
+
+
 def fused_core_available() -> bool:
     """Whether the extension is built and loaded (builds it on the first call)."""
-    try:
-        load_extension()
-    except FusedCoreUnavailable:
-        return False
-    return True
+    return EXTENSION.available()
 
 
 def use_fused_core(*tensors: torch.Tensor) -> bool:
@@ -174,23 +109,13 @@ def use_fused_core(*tensors: torch.Tensor) -> bool:
         return False
     eligible = all(t.device.type == "cpu" and t.dtype in _FUSED_DTYPES and t.layout == torch.strided
                    for t in tensors) and len({t.dtype for t in tensors}) == 1
-    if backend == "fused":
-        if not eligible:
+    if not eligible:
+        if backend == "fused":
             raise ValueError("the fused DCNv3 core takes CPU float32/float64 tensors of one dtype, got "
                              + ", ".join(f"{t.device.type} {t.dtype}" for t in tensors))
-        load_extension()
-        return True
-    if not eligible:
         return False
-    try:
-        load_extension()
-    except FusedCoreUnavailable as error:
-        if not _state.warned:
-            _state.warned = True
-            warnings.warn(f"{error}; using the grid_sample reference (slower). Set {ENV_VAR}=reference to "
-                          "silence this.", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    return EXTENSION.wanted(backend, f"using the grid_sample reference (slower). Set {ENV_VAR}=reference to "
+                            "silence this.", stacklevel=3)
 
 
 class _FusedCore(torch.autograd.Function):
