@@ -169,23 +169,22 @@ def cmd_openerf(args) -> str:
 
     folder = sample_folder(args.images, f"images{args.images}")
     model = active_model("resnet50")
-    fast = dict(channels_last=True, fold_bn=True)
 
     def ours(batch_size, **kwargs):
         return lambda: measure_erf(model, folder, protocol="kim2023", targets="layer4", batch_size=batch_size,
                                    **kwargs)
 
-    fp32_label = f"erf-tools fp32, batch {args.batch_size}, channels_last + fold_bn"
-    bf16_label = f"erf-tools bf16, batch {args.bf16_batch_size}, channels_last + fold_bn"
-    plain_label = f"erf-tools fp32, batch {args.batch_size}"
+    fp32_label = "erf-tools defaults (fp32, batch 'auto', exact fast paths)"
+    bf16_label = f"erf-tools bf16, batch {args.bf16_batch_size}, fast paths"
+    plain_label = f"erf-tools fp32, batch {args.batch_size}, fast=False (the former default)"
     configs = {
         "OpenERF 0.6.1 (batch 1)": lambda: openerf.compute_erf(
             model, model_name="resnet50", image_dir=folder, max_images=args.images, target_layer="layer4",
             device="cpu", show_progress=False),
-        "erf-tools fp32, batch 1": ours(1),
-        plain_label: ours(args.batch_size),
-        fp32_label: ours(args.batch_size, **fast),
-        bf16_label: ours(args.bf16_batch_size, precision="bf16", **fast),
+        fp32_label: ours("auto"),
+        **{f"erf-tools defaults, batch {size}": ours(size) for size in sorted({1, 8, 16, args.batch_size})},
+        plain_label: ours(args.batch_size, fast=False),
+        bf16_label: ours(args.bf16_batch_size, precision="bf16"),
     }
     print(f"openerf: resnet50 @224, {args.images} images, {args.rounds} rounds")
     times = rounds(configs, args.rounds)
@@ -196,14 +195,16 @@ def cmd_openerf(args) -> str:
     report_fp32, report_bf16 = analyze(fp32, bootstrap=None), analyze(bf16, bootstrap=None)
     checks = [
         ("max \\|erf-tools fp32 − OpenERF\\| / max (same protocol)", np.abs(plain.map - reference).max() / reference.max()),
-        ("same, fast fp32 path (channels_last + fold_bn)", np.abs(fp32.map - reference).max() / reference.max()),
+        ("same, defaults (fast paths, batch 'auto')", np.abs(fp32.map - reference).max() / reference.max()),
+        ("batch size chosen by 'auto' (last round)", fp32.timing["engine"]["batch_size"]),
         ("Pearson(bf16 map, fp32 map)", pearson(bf16.map, fp32.map)),
         ("AGD score fp32", report_fp32.agd_score),
         ("AGD score bf16", report_bf16.agd_score),
         ("\\|AGD bf16 − AGD fp32\\|", abs(report_bf16.agd_score - report_fp32.agd_score)),
     ]
     text = [
-        "## erf-tools vs OpenERF: resnet50 @224, Kim et al. protocol (issue 8, benchmark 1)",
+        "## erf-tools vs OpenERF: resnet50 @224, Kim et al. protocol (issue 8, benchmark 1"
+        + ("; issue 18: the defaults)" if args.tag else ")"),
         "",
         f"Command: `{command_line()}`  ",
         f"Machine: {machine()}",
@@ -354,7 +355,13 @@ def cmd_replknet_loop(args) -> dict[str, str]:
             "published loop": published,
             label: lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
                                        batch_size=args.batch_size, **fast),
+            "erf-tools defaults (batch 'auto', exact fast paths)": lambda: measure_erf(
+                model, folder, protocol="replknet", num_images=args.images),
         }
+        if args.plain:  # the former defaults: the module as given, batch 8 (here: all images in one batch)
+            for size in (1, args.images):
+                configs[f"erf-tools fast=False, batch {size}"] = (lambda size=size: measure_erf(
+                    model, folder, protocol="replknet", num_images=args.images, batch_size=size, fast=False))
         bf16_label = f"erf-tools bf16 autocast, batch {args.batch_size}, same fast paths (not exact)"
         if args.bf16:
             configs[bf16_label] = lambda: measure_erf(model, folder, protocol="replknet", num_images=args.images,
@@ -988,8 +995,11 @@ def main(argv=None) -> None:
     parser.add_argument("--measure", action="store_true", help="memory: also measure peak RSS (slow)")
     parser.add_argument("--check64", type=int, default=0, help="replknet-loop: float64 check at this size")
     parser.add_argument("--bf16", action="store_true", help="replknet-loop: also run bf16 autocast")
+    parser.add_argument("--plain", action="store_true",
+                        help="replknet-loop: also run without fast paths at batch 1 and with all images in one batch")
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
-    parser.add_argument("--tag", default="", help="replknet-loop: suffix of the RESULTS.md section name")
+    parser.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (a new section beside the "
+                        "earlier one)")
     parser.add_argument("--device", default=None, help="gpu: the device (default cuda; cpu for a dry run)")
     parser.add_argument("--gpu-images", type=int, default=50, help="gpu: images per throughput run")
     parser.add_argument("--gpu-batch", type=int, default=8, help="gpu: batch size of the throughput runs")
@@ -1004,7 +1014,7 @@ def main(argv=None) -> None:
         args.models = ["replknet_31b", "uniconvnet_t"]
     OUT.mkdir(parents=True, exist_ok=True)
     text = COMMANDS[args.command](args)
-    sections = text if isinstance(text, dict) else {args.command: text}
+    sections = text if isinstance(text, dict) else {args.command + args.tag: text}
     for name, body in sections.items():
         print(body)
         if args.write:

@@ -20,19 +20,19 @@ def run_schedule(tuner: ThroughputTuner, seconds_per_image: dict[int, float], ba
     return sizes
 
 
-def test_tuner_doubles_while_faster_and_settles_on_the_fastest():
-    # per-image time falls to batch 4, rises at 8: trials 1, 2, 4, 8, then 4 for the rest
-    speed = {1: 1.0, 2: 0.6, 4: 0.5, 8: 0.55, 16: 0.4}
+def test_tuner_doubles_until_clearly_slower_and_settles_on_the_fastest():
+    # per-image time falls to batch 4, is 20 % worse at 8: trials 1, 2, 4, 8, then 4 for the rest (16 never tried)
+    speed = {1: 1.0, 2: 0.6, 4: 0.5, 8: 0.6, 16: 0.4}
     tuner = ThroughputTuner(cap=16)
     assert run_schedule(tuner, speed, 8) == [1, 1, 2, 4, 8, 4, 4, 4]
-    assert tuner.best == 4 and tuner.to_dict()["seconds_per_image"] == {"1": 1.0, "2": 0.6, "4": 0.5, "8": 0.55}
+    assert tuner.best == 4 and tuner.to_dict()["seconds_per_image"] == {"1": 1.0, "2": 0.6, "4": 0.5, "8": 0.6}
 
 
-def test_tuner_stops_on_an_improvement_below_five_percent():
-    speed = {1: 1.0, 2: 0.97, 4: 0.5}  # 3 % better at 2: not worth trying 4
-    tuner = ThroughputTuner(cap=4)
-    assert run_schedule(tuner, speed, 5) == [1, 1, 2, 2, 2]
-    assert tuner.best == 2
+def test_tuner_goes_on_through_a_flat_stretch():
+    speed = {1: 1.0, 2: 1.02, 4: 1.05, 8: 0.7, 16: 1.2}  # ties (noise) up to 4, then faster at 8
+    tuner = ThroughputTuner(cap=16)
+    assert run_schedule(tuner, speed, 8) == [1, 1, 2, 4, 8, 16, 8, 8]
+    assert tuner.best == 8
 
 
 def test_tuner_respects_the_cap_and_ignores_probe_and_short_batches():
