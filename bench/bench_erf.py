@@ -454,7 +454,8 @@ def cmd_overhead(args) -> str:
 
 def cmd_targets(args) -> str:
     lines = [
-        "## Four stage targets from one pass vs one target (issue 8, benchmark 4)",
+        "## Four stage targets from one pass vs one target (issue 8, benchmark 4"
+        + ("; issue 18: batched VJP, the defaults)" if args.tag else ")"),
         "",
         f"Command: `{command_line()}`  ",
         f"Machine: {machine()}",

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from erf_tools.engine.accumulate import ERFAccumulator, ExactSum
 from erf_tools.engine.engine import PRECISIONS
-from erf_tools.engine.measure import MeasureConfig, Measurement, run_measurement
+from erf_tools.engine.measure import BATCH_SIZE_MODES, MeasureConfig, Measurement, run_measurement
 from erf_tools.images import IMAGE_SOURCE_NAMES
 from erf_tools.protocols import PRESETS
 from erf_tools.results import ERFResult, save_result
@@ -194,7 +194,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", nargs="*", default=None, help="module names or stage:N")
     parser.add_argument("--num-images", type=int, default=None)
     parser.add_argument("--input-size", type=int, default=None)
-    parser.add_argument("--batch-size", default="8", help="an integer or 'auto'")
+    parser.add_argument("--batch-size", default="auto", help="an integer, 'auto' (by throughput) or 'max'")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (each rank takes its LOCAL_RANK GPU)")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = measure_erf_distributed(
             args.model, args.images if args.images in IMAGE_SOURCE_NAMES else Path(args.images),
             targets=args.targets, protocol=args.protocol, num_images=args.num_images, weights=args.weights,
-            batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size), device=args.device,
+            batch_size=args.batch_size if args.batch_size in BATCH_SIZE_MODES else int(args.batch_size),
+            device=args.device,
             precision=args.precision, channels_last=args.channels_last, reparameterize=args.reparameterize,
             fold_bn=args.fold_bn, fft_depthwise=args.fft_depthwise, checkpoint_every=args.checkpoint_every,
             resume=args.resume, seed=args.seed, partial_path=out / f"{args.model}.partial.npz", **options)
