@@ -51,7 +51,8 @@ class _Conv2dBf16InputGradient(torch.autograd.Function):
 
 
 class _LinearBf16InputGradient(torch.autograd.Function):
-    """linear in float32; its input gradient ``gradient @ weight`` in bf16."""
+    """linear in float32; its input gradient ``gradient @ weight`` in bf16, as one matrix product over the flattened
+    leading dimensions (a batched product of a channels-last map would copy the weight per image)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -61,7 +62,8 @@ class _LinearBf16InputGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gradient):
         (weight,) = ctx.saved_tensors
-        return (gradient.bfloat16() @ weight.bfloat16()).float(), None, None
+        rows = gradient.to(torch.bfloat16, memory_format=torch.contiguous_format).view(-1, weight.shape[0])
+        return (rows @ weight.bfloat16()).float().view(*gradient.shape[:-1], weight.shape[1]), None, None
 
 
 def _numeric_padding(padding, weight: torch.Tensor, dilation) -> tuple[int, int] | None:
