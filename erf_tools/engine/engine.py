@@ -86,9 +86,9 @@ class ERFEngine:
     def _precision_scope(self, x: torch.Tensor):
         """What the forward of ``x`` runs under: nothing for fp32; for bf16 a float32 forward whose convolutions and
         linear layers make bf16 input gradients (:class:`Bf16InputGradients`: the map follows the forward's
-        rounding, not the backward's; resnet50 @224 Pearson 1.00000 to fp32 at 1.6× its speed, where bf16 autocast
-        with stride ≤ 8 in float32 gave 0.99926 at 1.5×); for fp16 autocast with the high-resolution stages in
-        float32 (:meth:`_high_resolution_in_fp32`)."""
+        rounding, not the backward's; resnet50 @224 Pearson 0.99999 to fp32, where bf16 autocast with stride ≤ 8
+        in float32 gave 0.99918); for fp16 autocast with the high-resolution stages in float32
+        (:meth:`_high_resolution_in_fp32`)."""
         if self.precision == "bf16":
             with Bf16InputGradients():
                 yield
