@@ -390,20 +390,18 @@ def cmd_replknet_loop(args) -> dict[str, str]:
 
 def bare_loop(model, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool, features) -> None:
     """The floor: forward to the target and one input-gradient of the centre objective per batch, nothing else
-    (under reduced precision with the stem and stride ≤ 8 in float32, as the engine runs it: a numerical choice,
-    not overhead)."""
+    (under reduced precision with the engine's precision policy, ``ERFEngine._precision_scope``: a numerical
+    choice, not overhead)."""
     from erf_tools.engine.engine import ERFEngine
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    stem = ERFEngine(model, [], None, "cpu", precision, channels_last)
+    policy = ERFEngine(model, [], None, "cpu", precision, channels_last)
     with frozen_eval(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].clone()
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
-                    stem._high_resolution_in_fp32(x):
+            with policy._precision_scope(x):
                 f = features(model, x)
             h, w = f.shape[-2:]
             torch.autograd.grad(torch.relu(f[:, :, h // 2, w // 2].float()).sum(), x)

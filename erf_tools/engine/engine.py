@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from erf_tools.engine.bf16_backward import Bf16InputGradients
 from erf_tools.engine.objective import centre_objective, objective_is_blind, per_sample_maps
 from erf_tools.engine.windows import InputWindow, OperatorLog, plan_windows, same_gradient
 from erf_tools.layers.helpers import is_out_of_memory
@@ -22,7 +23,8 @@ from erf_tools.targets import FeatureCapture, Target, centre_unit, feature_reduc
 __all__ = ["FP32_MAX_STRIDE", "PRECISIONS", "ERFEngine", "TargetGeometry", "frozen_eval"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: under reduced precision, the stem and the stages up to this total stride run in float32 (accuracy of the maps)
+#: under fp16, the stem and the stages up to this total stride run in float32 (accuracy of the maps); bf16 runs the
+#: whole forward in float32 (:mod:`erf_tools.engine.bf16_backward`)
 FP32_MAX_STRIDE = 8
 
 
@@ -82,8 +84,25 @@ class ERFEngine:
         #: targets whose objective is zero up to rounding on the first batch (their maps are rounding noise)
         self.blind_targets: set[str] = set()
 
+    @contextmanager
+    def _precision_scope(self, x: torch.Tensor):
+        """What the forward of ``x`` runs under: nothing for fp32; for bf16 a float32 forward whose convolutions and
+        linear layers make bf16 input gradients (:class:`Bf16InputGradients`: the map follows the forward's
+        rounding, not the backward's; resnet50 @224 Pearson 0.99999 to fp32, where bf16 autocast with stride ≤ 8
+        in float32 gave 0.99918); for fp16 autocast with the high-resolution stages in float32
+        (:meth:`_high_resolution_in_fp32`)."""
+        if self.precision == "bf16":
+            with Bf16InputGradients():
+                yield
+        elif self.precision == "fp16":
+            with self._autocast(), self._high_resolution_in_fp32(x):  # the second reads the autocast state
+                yield
+        else:
+            yield
+
     def _autocast(self):
-        """Autocast for reduced precision. float16 on CPUs also runs convolutions without oneDNN.
+        """Autocast in the precision's dtype (the fp16 policy; ``bench/bench_erf.py bf16`` also replays the former
+        bf16 autocast policy with it). float16 on CPUs also runs convolutions without oneDNN.
 
         Why: on CPUs with AVX512-FP16 (Sapphire Rapids) oneDNN's JIT generator for float16 depthwise convolutions of
         15x15 and more does not finish (measured: > 60 s for one 15x15 conv of a 3x128x128 map, which PyTorch's own
@@ -100,16 +119,17 @@ class ERFEngine:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _high_resolution_in_fp32(self, x: torch.Tensor):
-        """Under reduced precision, run the stem and the stages at total stride ≤ ``FP32_MAX_STRIDE`` in float32;
+        """Under fp16, run the stem and the stages at total stride ≤ ``FP32_MAX_STRIDE`` in float32;
         autocast starts at the first stage beyond (timm ``feature_info``). Models that declare no stages keep
         only the convolutions that read the input itself (the stem) in float32.
 
         Why: the input gradient is made by the last steps of the backward pass, through the high-resolution layers,
         and the protocols reduce it over RGB with cancellation (Kim et al. average the signed gradient before the
-        clamp), so bf16 rounding there is what the maps feel most. resnet50 @224, Kim protocol, 32 images: Pearson
-        to the fp32 map 0.99789 with only the stem in float32, 0.99928 with stride ≤ 8 in float32, for 23 % more
-        time (``bench/RESULTS.md``); the deep stages, where most of the work of RepLKNet and UniConvNet lies at
-        1024², stay bf16.
+        clamp), so rounding there is what the maps feel most. Measured with bf16 autocast (this was the bf16 policy
+        before :mod:`erf_tools.engine.bf16_backward`): resnet50 @224, Kim protocol, 32 images: Pearson to the fp32
+        map 0.99789 with only the stem in float32, 0.99928 with stride ≤ 8 in float32, for 23 % more time
+        (``bench/RESULTS.md``); the deep stages, where most of the work of RepLKNet and UniConvNet lies at 1024²,
+        stay float16.
         """
         if self.precision == "fp32":
             return nullcontext()
@@ -184,7 +204,7 @@ class ERFEngine:
                 if first:
                     capture.on_capture = lambda name: (log.mark(name), ops.mark(name) if ops is not None else None)
                 try:
-                    with torch.enable_grad(), self._autocast(), self._high_resolution_in_fp32(x), \
+                    with torch.enable_grad(), self._precision_scope(x), \
                             (ops if ops is not None else nullcontext()):
                         outputs = capture.run(x)
                 finally:
@@ -271,7 +291,7 @@ class ERFEngine:
         window = window.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         window.requires_grad_(True)
         with FeatureCapture(self.model, [target]) as capture:
-            with torch.enable_grad(), self._autocast(), self._high_resolution_in_fp32(window):
+            with torch.enable_grad(), self._precision_scope(window):
                 output = capture.run(window)[target.module_name]
         grid = to_nchw(output, self.model, (crop.height, crop.width), target.layout, target.name)
         objective = centre_objective(grid, crop.unit, self.options)

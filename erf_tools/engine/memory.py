@@ -10,8 +10,9 @@ How: :func:`estimate_peak_memory` replays exactly what the extraction engine doe
 target, then one input-gradient per target) on the ``meta`` device, where tensors have shapes, dtypes and strides
 but no data and no arithmetic is done, under a dispatch mode that adds up the bytes of every live tensor storage and
 records the maximum. That takes seconds even for models whose real pass takes minutes on a CPU, and needs no
-accelerator. Reduced precisions are replayed with fake tensors of the real device instead, because autocast only
-acts on real device types. :func:`auto_batch_size` measures batch 1 and 2, splits the peak into a fixed and a
+accelerator. Reduced precisions are replayed with fake tensors of the real device instead, because autocast (fp16)
+only acts on real device types; bf16 runs a float32 forward (:mod:`erf_tools.engine.bf16_backward`), so its peak
+is about that of fp32. :func:`auto_batch_size` measures batch 1 and 2, splits the peak into a fixed and a
 per-image part, and divides the budget.
 
 The replay counts tensors created by PyTorch operators. It does not see allocator fragmentation, library scratch
