@@ -85,7 +85,8 @@ def test_measure_erf_with_the_largest_batch_that_fits(net):
     fixed = measure_erf(net, images, batch_size=4)
     assert largest.timing["engine"]["batch_size"] == 4 and largest.timing["engine"]["auto_batch_size"] == "max"
     assert np.array_equal(largest.map, fixed.map)
-    auto = measure_erf(net, images, batch_size="auto", memory_budget=budget)  # by throughput, within that memory
+    # by throughput, within half of the budget
+    auto = measure_erf(net, images, batch_size="auto", memory_budget=2 * budget)
     assert auto.timing["engine"]["batch_size_tuning"]["cap"] == 4
     engine = fixed.timing["engine"]  # the first batch (probes, window checks) is timed apart from the steady state
     assert engine["first_batch_images"] == 4 and 0 < engine["first_batch_seconds"] <= fixed.timing["seconds"]

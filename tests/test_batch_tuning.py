@@ -35,6 +35,13 @@ def test_tuner_goes_on_through_a_flat_stretch():
     assert tuner.best == 8
 
 
+def test_tuner_settles_on_the_smallest_batch_within_five_percent_of_the_fastest():
+    speed = {1: 2.0, 2: 2.1, 4: 1.82, 8: 1.72, 16: 1.69, 32: 1.9}  # 8 is 1.8 % slower than 16: same speed, half memory
+    tuner = ThroughputTuner(cap=32)
+    assert run_schedule(tuner, speed, 9) == [1, 1, 2, 4, 8, 16, 32, 8, 8]
+    assert tuner.best == 8
+
+
 def test_tuner_respects_the_cap_and_ignores_probe_and_short_batches():
     tuner = ThroughputTuner(cap=3)
     speed = {1: 1.0, 2: 0.5, 3: 0.2}

@@ -11,20 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SLOWDOWN", "ThroughputTuner"]
+__all__ = ["AUTO_MEMORY_SHARE", "SLOWDOWN", "TIE", "ThroughputTuner"]
 
 #: larger batches are tried until one is this much slower per image than the best so far. Why not stop at the first
 #: batch that is not faster: per-image times of single batches scatter by ±10-20 % on a shared machine, and on CPUs
 #: the curve is often flat from 1 to 4 images and falls after (ResNet-50 @224, 2 cores: 0.28, 0.27, 0.28, then
 #: 0.25 s per image at 8), so a first tie says nothing about larger batches.
 SLOWDOWN = 0.10
+#: the run continues with the smallest batch within this much of the fastest per image: the same speed for less
+#: memory (UniConvNet-T @512, 2 cores: 1.82, 1.69, 1.77 s per image at 4, 8, 16 images of 1.15 GiB each)
+TIE = 0.05
+#: ``"auto"`` tries batches up to what fits in this share of the free memory (``"max"`` uses all of it, less
+#: headroom): a throughput search should not take the machine's memory from everything else
+AUTO_MEMORY_SHARE = 0.5
 
 
 @dataclass
 class ThroughputTuner:
     """Batch sizes for one run: a probe batch of 1 (it also runs the one-off first-batch probes, so its time is
     not compared), then trials of 1, 2, 4, ... up to ``cap`` until one is :data:`SLOWDOWN` slower per image than
-    the best so far; then the fastest size for the rest of the run.
+    the best so far; then, for the rest of the run, the smallest size within :data:`TIE` of the fastest.
 
     ``next_size`` may be called ahead of ``record`` (a prefetch thread builds batches in advance): trials already
     handed out are still timed, and the best of all recorded trials wins.
@@ -50,8 +56,11 @@ class ThroughputTuner:
 
     @property
     def best(self) -> int:
-        """The fastest size measured so far (1 before any trial)."""
-        return min(self.trials, key=self.trials.__getitem__) if self.trials else 1
+        """The smallest size within :data:`TIE` of the fastest measured so far (1 before any trial)."""
+        if not self.trials:
+            return 1
+        fastest = min(self.trials.values())
+        return min(size for size, per_image in self.trials.items() if per_image <= (1 + TIE) * fastest)
 
     def next_size(self) -> int:
         """The size of the next batch."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from erf_tools.engine.accumulate import ERFAccumulator
-from erf_tools.engine.batch_tuning import ThroughputTuner
+from erf_tools.engine.batch_tuning import AUTO_MEMORY_SHARE, ThroughputTuner
 from erf_tools.engine.convergence import DEFAULT_HALF_WIDTH, DEFAULT_MAX_IMAGES, ConvergenceRule
 from erf_tools.engine.engine import PRECISIONS, ERFEngine, TargetGeometry, frozen_eval
 from erf_tools.engine.fastpaths import TargetRemovedError, exact_fast_paths, prepare_model
@@ -194,7 +194,7 @@ def measure_erf(
         (see :class:`erf_tools.protocols.ERFOptions`, e.g. ``gradient="abs"``, ``input_size=512``).
     batch_size: images per forward/backward (the result does not depend on it beyond float rounding); ``"auto"``
         (default): chosen by measured throughput, the first batches trying 1, 2, 4, ... images up to the largest
-        batch whose estimated peak memory fits ``memory_budget`` bytes (default: what is free on ``device``),
+        batch whose estimated peak memory fits half of ``memory_budget`` bytes (default: what is free on ``device``),
         see :class:`~erf_tools.engine.batch_tuning.ThroughputTuner`; ``"max"``: that largest batch
         (:func:`erf_tools.engine.memory.auto_batch_size`). What was tried is in ``timing["engine"]``.
     precision: ``"fp32"`` (exact protocol); ``"bf16"``: the forward in float32 as for fp32, the input gradients of
@@ -308,6 +308,8 @@ def _batch_size(work: nn.Module, resolved: list[Target], input_hw: tuple[int, in
         device = torch.device(config.device)
         budget = (config.memory_budget if config.memory_budget is not None else available_memory(device)) \
             // config.workers
+        if config.batch_size == "auto" and config.workers == 1:
+            budget = int(budget * AUTO_MEMORY_SHARE)
         options = {k: v for k, v in config.options.items() if k != "input_size"}  # input_hw is the size
         cap = auto_batch_size(work, input_hw, budget, targets=[t.module_name for t in resolved],
                               protocol=config.protocol, precision=config.precision,
