@@ -332,6 +332,41 @@ def test_exact_fast_paths_apply_reparameterisation_only_where_the_model_has_it(r
                                         "fft_depthwise": FFT_DEPTHWISE_MIN_KERNEL}
     assert exact_fast_paths(Reparameterisable())["reparameterize"] is True
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    plain, fast = measure_erf(resnet, images), measure_erf(resnet, images, fast=True)
+    plain, fast = measure_erf(resnet, images, fast=False), measure_erf(resnet, images)  # fast paths: the default
     assert fast.timing["engine"]["channels_last"] and fast.timing["engine"]["folded_batchnorms"] == 20
     assert np.abs(fast.map - plain.map).max() <= 1e-5 * plain.map.max()
+
+
+class MergesItsBranch(nn.Module):
+    """``structural_reparam()`` folds ``branch`` into ``conv`` and deletes it, as RepLKNet deletes its small kernels."""
+
+    erf_target = "conv"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.branch = nn.Conv2d(3, 4, 5, padding=2), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) + self.branch(x) if hasattr(self, "branch") else self.conv(x)
+
+    def structural_reparam(self) -> None:
+        with torch.no_grad():
+            self.conv.weight[:, :, 2, 2] += self.branch.weight[:, :, 0, 0]
+            self.conv.bias += self.branch.bias
+        del self.branch
+
+
+def test_default_fast_paths_skip_a_reparameterisation_that_would_remove_the_target():
+    from erf_tools.engine.fastpaths import TargetRemovedError
+
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    merged = measure_erf(MergesItsBranch().eval(), images, protocol="luo2016", input_size=None)
+    assert merged.timing["engine"].get("reparameterized") is True  # the default target survives: re-parameterised
+    model = MergesItsBranch().eval()
+    kept = measure_erf(model, images, targets="branch", protocol="luo2016", input_size=None)
+    engine = kept.timing["engine"]
+    assert engine["reparameterized"] is False and "remove a target" in engine["reparameterize_skipped"]
+    plain = measure_erf(model, images, targets="branch", protocol="luo2016", input_size=None, fast=False)
+    assert np.abs(kept.map - plain.map).max() <= 1e-6 * np.abs(plain.map).max()
+    with pytest.raises(TargetRemovedError, match="branch"):  # asked for explicitly: an error, not a silent skip
+        measure_erf(model, images, targets="branch", protocol="luo2016", input_size=None, reparameterize=True)

@@ -4,7 +4,8 @@ Why measure: the largest batch that fits is not the fastest one. On a 2-core CPU
 OpenERF's images/s at batch 8 and 0.97× at batch 16 (``bench/RESULTS.md``), and UniConvNet-T at 1024 gains nothing
 beyond batch 1 while it needs 4.6 GiB per image; on a GPU throughput grows up to a few dozen images. No formula
 predicts where the curve turns, so the first batches of the run try sizes 1, 2, 4, ... (each one real work: the
-maps do not depend on the batch size beyond float rounding) and the run continues with the fastest.
+maps do not depend on the batch size beyond float rounding) and the run continues with the smallest batch about
+as fast as the fastest.
 """
 from __future__ import annotations
 

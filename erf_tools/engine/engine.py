@@ -277,7 +277,8 @@ class ERFEngine:
         Why it is optional: it trades K sequential backward passes, each from its own target down to the input,
         for one pass that carries all K cotangents through the whole graph (zeros included above the early
         targets); it pays where per-operator overhead dominates (small maps, accelerators), not where the
-        convolutions are compute-bound (``bench_erf.py batched-vjp``, ``bench/RESULTS.md``).
+        convolutions are compute-bound (CPU: 2.2–2.8× one target against 1.3–1.8× sequentially,
+        ``bench_erf.py targets``, ``bench/RESULTS.md``).
         """
         stacked = torch.stack([o.float() for o in objectives])
         cotangents = torch.eye(len(objectives), dtype=stacked.dtype, device=stacked.device)

@@ -37,7 +37,8 @@ from erf_tools.results import ERFResult
 from erf_tools.targets import Target, resolve_targets
 from erf_tools.weights import WeightsInfo, find_silenced_branches, load_model, warn_if_silenced
 
-__all__ = ["BATCH_SIZE_MODES", "MeasureConfig", "Measurement", "build_result", "measure_erf", "package_versions", "run_measurement"]
+__all__ = ["BATCH_SIZE_MODES", "MeasureConfig", "Measurement", "build_result", "measure_erf", "package_versions",
+           "run_measurement"]
 
 ProgressCallback = Callable[[int, int], None]
 #: ``batch_size`` values that choose the size: by measured throughput within memory, or the largest that fits
