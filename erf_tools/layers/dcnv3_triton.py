@@ -44,8 +44,9 @@ def _corners(offset, pix, pix_ok, grp, p, n, cx, cy, h_in, w_in, group, points, 
     dx = (p // kernel_size - half) * dilation
     dy = (p % kernel_size - half) * dilation
     at = offset + pix * (group * points * 2) + grp * (points * 2) + 2 * p
-    x = cx + (dx + tl.load(at, mask=pix_ok, other=0.0)) * offset_scale
-    y = cy + (dy + tl.load(at + 1, mask=pix_ok, other=0.0)) * offset_scale
+    off_x = tl.load(at, mask=pix_ok, other=0.0)
+    x = cx.to(off_x.dtype) + (dx + off_x) * offset_scale
+    y = cy.to(off_x.dtype) + (dy + tl.load(at + 1, mask=pix_ok, other=0.0)) * offset_scale
     # NaN or far outside: no corner can be inside (keeps the integer conversion defined)
     inside = pix_ok & (x > -2.0) & (x < w_in + 1.0) & (y > -2.0) & (y < h_in + 1.0)
     x = tl.where(inside, x, -2.0)
@@ -63,29 +64,28 @@ def _corners(offset, pix, pix_ok, grp, p, n, cx, cy, h_in, w_in, group, points, 
 
 
 @_jit
-def _pixels(pid, pixels, h_out, w_out, stride, pad, dilation, kernel_size, BLOCK_PIX: tl.constexpr):
+def _pixels(pid, pixels, h_out, w_out, stride, pad, dilation, kernel_size, group_channels, BLOCK_PIX: tl.constexpr,
+            BLOCK_C: tl.constexpr):
     """The block's output pixels (flat (n*H + h)*W + w), which exist, their batch index and regular-grid centre
-    (integers)."""
+    (integers); the channels of a group and which exist (as a row)."""
     pix = pid.to(tl.int64) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
     w = pix % w_out
     row = pix // w_out
     shift = dilation * ((kernel_size - 1) // 2) - pad
-    return pix, pix < pixels, row // h_out, w * stride + shift, (row % h_out) * stride + shift
+    c = tl.arange(0, BLOCK_C)
+    return (pix, pix < pixels, row // h_out, w * stride + shift, (row % h_out) * stride + shift, c,
+            (c < group_channels)[None, :])
 
 
 @_jit
 def _forward_kernel(value, offset, mask, out, pixels, h_in, w_in, h_out, w_out, channels, group, group_channels,
                     kernel_size, stride, pad, dilation, offset_scale, BLOCK_PIX: tl.constexpr,
                     BLOCK_C: tl.constexpr):
-    dtype = value.dtype.element_ty
     grp = tl.program_id(1)
-    pix, pix_ok, n, cx, cy = _pixels(tl.program_id(0), pixels, h_out, w_out, stride, pad, dilation, kernel_size,
-                                     BLOCK_PIX)
-    cx, cy = cx.to(dtype), cy.to(dtype)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = (c < group_channels)[None, :]
+    pix, pix_ok, n, cx, cy, c, c_ok = _pixels(tl.program_id(0), pixels, h_out, w_out, stride, pad, dilation,
+                                              kernel_size, group_channels, BLOCK_PIX, BLOCK_C)
     points = kernel_size * kernel_size
-    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=dtype)
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=value.dtype.element_ty)
     for p in range(points):
         corner, fx, fy, ok00, ok01, ok10, ok11 = _corners(offset, pix, pix_ok, grp, p, n, cx, cy, h_in, w_in, group,
                                                           points, kernel_size, dilation, offset_scale)
@@ -105,13 +105,9 @@ def _forward_kernel(value, offset, mask, out, pixels, h_in, w_in, h_out, w_out, 
 def _backward_kernel(grad_out, value, offset, mask, grad_value, grad_offset, grad_mask, pixels, h_in, w_in, h_out,
                      w_out, channels, group, group_channels, kernel_size, stride, pad, dilation, offset_scale,
                      BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
-    dtype = value.dtype.element_ty
     grp = tl.program_id(1)
-    pix, pix_ok, n, cx, cy = _pixels(tl.program_id(0), pixels, h_out, w_out, stride, pad, dilation, kernel_size,
-                                     BLOCK_PIX)
-    cx, cy = cx.to(dtype), cy.to(dtype)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = (c < group_channels)[None, :]
+    pix, pix_ok, n, cx, cy, c, c_ok = _pixels(tl.program_id(0), pixels, h_out, w_out, stride, pad, dilation,
+                                              kernel_size, group_channels, BLOCK_PIX, BLOCK_C)
     points = kernel_size * kernel_size
     go = tl.load(grad_out + (pix * channels + grp * group_channels)[:, None] + c[None, :],
                  mask=pix_ok[:, None] & c_ok, other=0.0)
@@ -183,17 +179,8 @@ class DCNv3TritonCore(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None)
 
 
-def triton_dcnv3_core(
-    value: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    group: int,
-    kernel_size: int = 3,
-    stride: int = 1,
-    pad: int = 1,
-    dilation: int = 1,
-    offset_scale: float = 1.0,
-) -> torch.Tensor:
+def triton_dcnv3_core(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, group: int, kernel_size: int = 3,
+                      stride: int = 1, pad: int = 1, dilation: int = 1, offset_scale: float = 1.0) -> torch.Tensor:
     """The DCNv3 core by the Triton kernels: same arguments, layout and result as
     :func:`erf_tools.layers.dcnv3.dcnv3_core` (which validates the shapes and calls this when
     :func:`use_triton_core` says so). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
