@@ -852,20 +852,27 @@ def pass_flops(model: torch.nn.Module, size: int, device: str) -> float:
 
 
 def gpu_equality_checks(device: str, size: int) -> list[str]:
-    """Small cases: the DCNv3 core (float64, value/offset/mask gradients) and measure_erf of the three models
-    (2 images, fp32 without TF32) on CPU vs ``device``."""
-    from erf_tools.layers.dcnv3 import dcnv3_core
+    """Small cases: the DCNv3 core (float64, value/offset/mask gradients; the ``auto`` path on ``device``, i.e. the
+    Triton kernels where triton is installed, and the grid_sample reference, each vs the CPU kernel) and
+    measure_erf of the three models (2 images, fp32 without TF32) on CPU vs ``device``."""
+    from erf_tools.layers.dcnv3 import core_path
+    from erf_tools.layers.dcnv3_fused import core_backend
 
     rows = ["| check | max \\|device − CPU\\| / max | Pearson |", "|---|---|---|"]
     inputs, group = dcnv3_core_inputs(64, 24, seed=5)
     inputs = [t.double() for t in inputs]
-    cpu = dcnv3_core_pass("auto", inputs, group)  # the fused kernel on CPU
-    dev = dcnv3_core_pass("auto", [t.to(device) for t in inputs], group)  # grid_sample (or a device kernel)
-    for name, a, b in zip(("output", "∂value", "∂offset", "∂mask"), (dev["out"], *dev["grads"]),
-                          (cpu["out"], *cpu["grads"])):
-        a = a.cpu()
-        rows.append(f"| DCNv3 core float64, {name} | {(a - b).abs().max().item() / b.abs().max().item():.1e} | "
-                    f"{pearson(a.numpy(), b.numpy()):.10f} |")
+    on_device = [t.to(device) for t in inputs]
+    with core_backend("auto"):
+        cpu_path, auto_path = core_path(*inputs), core_path(*on_device)
+    cpu = dcnv3_core_pass("auto", inputs, group)  # the fused C++ kernel on CPU
+    for backend, path in (("auto", auto_path), ("reference", "reference")):
+        dev = dcnv3_core_pass(backend, on_device, group)
+        for name, a, b in zip(("output", "∂value", "∂offset", "∂mask"), (dev["out"], *dev["grads"]),
+                              (cpu["out"], *cpu["grads"])):
+            a = a.cpu()
+            rel = (a - b).abs().max().item() / b.abs().max().item()
+            rows.append(f"| DCNv3 core float64 ({path} on {device} vs {cpu_path} on CPU), {name} | {rel:.1e} | "
+                        f"{pearson(a.numpy(), b.numpy()):.10f} |")
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     for name in ("resnet50", "replknet_31b", "uniconvnet_t"):
         model = active_model(name)
@@ -876,6 +883,16 @@ def gpu_equality_checks(device: str, size: int) -> list[str]:
         rows.append(f"| measure_erf {name} @{size}, 2 images, fp32 | {rel:.1e} | {pearson(maps[1], maps[0]):.8f} |")
         del model
     return rows
+
+
+def core_path_on(device: str) -> str:
+    """The DCNv3 core that ``auto`` runs on ``device`` for float32 inputs (triton, fused or reference)."""
+    from erf_tools.layers.dcnv3 import core_path
+    from erf_tools.layers.dcnv3_fused import core_backend
+
+    probe = torch.zeros(1, device=device)
+    with core_backend("auto"):
+        return core_path(probe, probe, probe)
 
 
 def cmd_gpu(args) -> dict[str, str]:
@@ -907,8 +924,8 @@ def cmd_gpu(args) -> dict[str, str]:
         "RepLKNet protocol, after a warm-up call on 2 images (cuDNN autotuning). fp32: TF32 off; tf32: TF32 on in "
         "convolutions and matmuls (PyTorch's default for cuDNN); bf16: autocast. Peak = "
         "`torch.cuda.max_memory_allocated`. TFLOP counted by FlopCounterMode (convolutions and matmuls only, "
-        "so the fraction of peak is a lower bound). DCNv3 on the GPU: the grid_sample core (the fused kernel is "
-        "CPU-only).",
+        "so the fraction of peak is a lower bound). DCNv3 on the GPU: the "
+        f"{core_path_on(device)} core.",
         "",
         "| model | precision | batch | wall s | images/s | peak GiB | TFLOP/s (counted) | % of peak | Pearson to fp32 |",
         "|---|---|---|---|---|---|---|---|---|",

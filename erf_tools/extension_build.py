@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackendChoice", "BuildState", "CppExtension", "ExtensionUnavailable", "instruction_set"]
+__all__ = ["BackendChoice", "BuildState", "BuiltOnFirstUse", "CppExtension", "ExtensionUnavailable", "instruction_set"]
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -54,26 +54,18 @@ def instruction_set() -> tuple[str, list[str]]:
     return (capability, flags[capability]) if capability in flags else ("default", [])
 
 
-class CppExtension:
-    """One C++ source built into an extension on first use (see the module docstring).
+class BuiltOnFirstUse:
+    """Something built once per process on first use (a C++ extension, GPU kernels), remembered if it fails.
 
-    name: the extension's name (the instruction set is appended). source: the ``.cpp`` file. what: how messages
-    name it. error: the :class:`ExtensionUnavailable` subclass raised when it cannot be built. openmp: compile and
-    link with ``-fopenmp``. extra_cflags: more compiler flags. python_module: the source defines a pybind11 module
-    (``PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)``), which :meth:`load` returns; otherwise it registers torch ops
-    and :meth:`load` returns ``None``. after_load: called once after a successful load (e.g. to register fake
-    kernels)."""
+    what: how messages name it. error: the :class:`ExtensionUnavailable` subclass raised when it cannot be built.
+    Subclasses implement ``_build`` (returns what :meth:`load` hands back, raises on failure)."""
 
-    def __init__(self, name: str, source: Path, *, what: str, error: type[ExtensionUnavailable] = ExtensionUnavailable,
-                 openmp: bool = False, extra_cflags: Sequence[str] = (), python_module: bool = False,
-                 after_load: Callable[[], None] | None = None) -> None:
-        self.name, self.source, self.what, self.error = name, Path(source), what, error
-        self.openmp, self.extra_cflags, self.python_module = openmp, list(extra_cflags), python_module
-        self.after_load = after_load
+    def __init__(self, *, what: str, error: type[ExtensionUnavailable] = ExtensionUnavailable) -> None:
+        self.what, self.error = what, error
         self.state = BuildState()
 
     def load(self) -> Any:
-        """Build (first time only, cached on disk) and load; the module (``python_module``) or ``None``.
+        """Build (first time only) and load; the built object (e.g. a module) or ``None``.
 
         Raises ``self.error`` if that is impossible, every time, after one attempt per process."""
         state = self.state
@@ -90,7 +82,7 @@ class CppExtension:
             raise self.error(f"{self.what} could not be built: {state.error}")
 
     def available(self) -> bool:
-        """Whether the extension is built and loaded (builds it on the first call)."""
+        """Whether it is built and loaded (builds it on the first call)."""
         try:
             self.load()
         except ExtensionUnavailable:
@@ -116,6 +108,28 @@ class CppExtension:
                 warnings.warn(f"{error}; {fallback}", RuntimeWarning, stacklevel=stacklevel + 1)
             return False
         return True
+
+    def _build(self) -> Any:
+        raise NotImplementedError
+
+
+class CppExtension(BuiltOnFirstUse):
+    """One C++ source built into an extension on first use (see the module docstring).
+
+    name: the extension's name (the instruction set is appended). source: the ``.cpp`` file. what: how messages
+    name it. error: the :class:`ExtensionUnavailable` subclass raised when it cannot be built. openmp: compile and
+    link with ``-fopenmp``. extra_cflags: more compiler flags. python_module: the source defines a pybind11 module
+    (``PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)``), which :meth:`load` returns; otherwise it registers torch ops
+    and :meth:`load` returns ``None``. after_load: called once after a successful load (e.g. to register fake
+    kernels)."""
+
+    def __init__(self, name: str, source: Path, *, what: str, error: type[ExtensionUnavailable] = ExtensionUnavailable,
+                 openmp: bool = False, extra_cflags: Sequence[str] = (), python_module: bool = False,
+                 after_load: Callable[[], None] | None = None) -> None:
+        super().__init__(what=what, error=error)
+        self.name, self.source = name, Path(source)
+        self.openmp, self.extra_cflags, self.python_module = openmp, list(extra_cflags), python_module
+        self.after_load = after_load
 
     def _build(self) -> Any:
         if not self.source.is_file():

@@ -5,8 +5,9 @@ changes: the depthwise 3x3 conv that predicts offsets and masks has no LayerNorm
 modulation mask is used raw (no softmax over the points of a group). The official repository only ships a CUDA op
 (its CPU kernel is a stub), so the ERF of a UniConvNet cannot be measured on a CPU with it. This module implements the
 same function with ``F.grid_sample``: vectorised, differentiable with respect to the input, the offsets and the mask,
-and equal on CPU and CUDA. On CPU, float32/float64 calls run a fused C++ kernel of the same function instead
-(:mod:`erf_tools.layers.dcnv3_fused`, built on first use; this ``grid_sample`` path is its reference and fallback).
+and equal on CPU and CUDA. Float32/float64 calls run a fused kernel of the same function instead: C++ on CPU
+(:mod:`erf_tools.layers.dcnv3_fused`, built on first use), Triton on CUDA (:mod:`erf_tools.layers.dcnv3_triton`,
+compiled on first use, when ``triton`` is installed); this ``grid_sample`` path is their reference and fallback.
 
 The sampling rule, for output pixel (h, w), group g, channel c of the group and kernel point p (InternImage's
 ``dcnv3_core_pytorch``, as modified by UniConvNet)::
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from erf_tools.layers.dcnv3_fused import fused_dcnv3_core, use_fused_core
+from erf_tools.layers.dcnv3_triton import triton_dcnv3_core, use_triton_core
 
-__all__ = ["DCNv3", "dcnv3_core"]
+__all__ = ["DCNv3", "core_path", "dcnv3_core"]
 
 
 def _kernel_points(kernel_size: int, dilation: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -42,6 +44,14 @@ def _kernel_points(kernel_size: int, dilation: int, dtype: torch.dtype, device: 
     steps = (torch.arange(kernel_size, dtype=dtype, device=device) - half) * dilation
     dx, dy = torch.meshgrid(steps, steps, indexing="ij")  # dx varies along the outer index
     return torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)  # (P, 2), last dim (x, y)
+
+
+def core_path(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> str:
+    """Which implementation :func:`dcnv3_core` runs on these (float32/float64) inputs under the backend in force:
+    ``"triton"`` (CUDA), ``"fused"`` (the C++ kernel, CPU) or ``"reference"`` (``grid_sample``)."""
+    if use_triton_core(value, offset, mask):
+        return "triton"
+    return "fused" if use_fused_core(value, offset, mask) else "reference"
 
 
 def dcnv3_core(
@@ -93,8 +103,10 @@ def dcnv3_core(
         raise ValueError(f"offset must be (N, H, W, {group * points * 2}), got {tuple(offset.shape)}")
     if mask.shape != (n, h_out, w_out, group * points):
         raise ValueError(f"mask must be (N, H, W, {group * points}), got {tuple(mask.shape)}")
-    if use_fused_core(value, offset, mask):  # the fused CPU kernel (same function; dcnv3_fused.py)
-        return fused_dcnv3_core(value, offset, mask, group, kernel_size, stride, pad, dilation, offset_scale)
+    path = core_path(value, offset, mask)
+    if path != "reference":  # a fused kernel of the same function: dcnv3_triton.py (CUDA), dcnv3_fused.py (CPU)
+        fused = triton_dcnv3_core if path == "triton" else fused_dcnv3_core
+        return fused(value, offset, mask, group, kernel_size, stride, pad, dilation, offset_scale)
     group_channels = channels // group
     dtype, device = offset.dtype, offset.device
 

@@ -14,7 +14,8 @@ the ``ninja`` build tool) into the torch extensions directory (``TORCH_EXTENSION
 
 Choose the path with the environment variable ``ERF_TOOLS_DCNV3_CORE`` (``auto``, the default: fused where it
 applies, else the reference; ``fused``: fused, an error if it cannot be built; ``reference``: always
-``grid_sample``), or with :func:`set_core_backend` / the :func:`core_backend` context manager.
+``grid_sample``), or with :func:`set_core_backend` / the :func:`core_backend` context manager. The same choice
+applies to the Triton kernels on CUDA (:mod:`erf_tools.layers.dcnv3_triton`): ``fused`` there means Triton.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def use_fused_core(*tensors: torch.Tensor) -> bool:
                    for t in tensors) and len({t.dtype for t in tensors}) == 1
     if not eligible:
         if backend == "fused":
-            raise ValueError("the fused DCNv3 core takes CPU float32/float64 tensors of one dtype, got "
+            raise ValueError("the fused DCNv3 core takes CPU (C++) or CUDA (Triton) float32/float64 tensors of one "
+                             "dtype, got "
                              + ", ".join(f"{t.device.type} {t.dtype}" for t in tensors))
         return False
     return EXTENSION.wanted(backend, f"using the grid_sample reference (slower). Set {ENV_VAR}=reference to "
