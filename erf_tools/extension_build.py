@@ -1,7 +1,8 @@
 """C++ extensions built on first use, once per process, with a reference fallback and one warning.
 
-Shared by the fused DCNv3 core (:mod:`erf_tools.layers.dcnv3_fused`) and the compiled dead-leaves painter
-(:mod:`erf_tools.synthetic_images`). Each has
+Shared by the fused DCNv3 core (:mod:`erf_tools.layers.dcnv3_fused`), the compiled dead-leaves painter
+(:mod:`erf_tools.synthetic_images`) and, through :class:`BuiltOnFirstUse`, the Triton DCNv3 kernels
+(:mod:`erf_tools.layers.dcnv3_triton`). Each C++ one has
 
 * a :class:`CppExtension`: its source, compiled with :func:`torch.utils.cpp_extension.load` (a C++ compiler and the
   ``ninja`` build tool) into the torch extensions directory (``TORCH_EXTENSIONS_DIR``, by default

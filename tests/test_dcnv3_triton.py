@@ -154,7 +154,7 @@ def cuda_like(dtype=torch.float32):
 def test_dispatch_picks_triton_only_for_cuda(monkeypatch):
     monkeypatch.setattr(dcnv3_triton.KERNELS, "state", BuildState(loaded=True))
     monkeypatch.setattr(dcnv3_fused.EXTENSION, "state", BuildState(loaded=True))  # no C++ build for core_path
-    monkeypatch.delenv(dcnv3_triton.ENV_VAR, raising=False)
+    monkeypatch.delenv(dcnv3_fused.ENV_VAR, raising=False)
     cpu = torch.zeros(1)
     assert use_triton_core(cuda_like(), cuda_like(), cuda_like())
     assert use_triton_core(*[cuda_like(torch.float64)] * 3)
@@ -172,7 +172,7 @@ def test_dispatch_picks_triton_only_for_cuda(monkeypatch):
 def test_without_triton_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(dcnv3_triton, "triton", None)
     monkeypatch.setattr(dcnv3_triton.KERNELS, "state", BuildState())
-    monkeypatch.delenv(dcnv3_triton.ENV_VAR, raising=False)
+    monkeypatch.delenv(dcnv3_fused.ENV_VAR, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not use_triton_core(cuda_like())

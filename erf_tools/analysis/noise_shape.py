@@ -15,9 +15,9 @@ clipped in most images where ρ is small, rarely where it is large), and σ_j th
 The map of σ_j² is the per-pixel sample variance smoothed by a Gaussian of :data:`VARIANCE_SMOOTHING` px (a pixel's
 own variance from a few heavy-tailed values is mostly luck: without the smoothing its standardised residuals are
 bounded by (N − 1)/√N and the tail the estimator needs is cut off). ξ is the pool of the standardised residuals
-(X_ij − M_j)/σ_j of the bin's pixels and all images (subsampled to :data:`POOL_SIZE` in all), re-standardised. The noise of the mean of N
-images is then s_j Z_N with Z_N = √N · mean of N draws of ξ, whose distribution is simulated once
-(:data:`DRAWS` means, a fixed seed) and tabulated as the two expectations on the grid of k = x/s. For N above
+(X_ij − M_j)/σ_j of the bin's pixels and all images (subsampled to :data:`POOL_SIZE` in all), re-standardised. The
+noise of the mean of N images is then s_j Z_N with Z_N = √N · mean of N draws of ξ, whose distribution is
+simulated once (:data:`DRAWS` means, a fixed seed) and tabulated as the two expectations on the grid of k = x/s. For N above
 :data:`MAX_SIMULATED_IMAGES` the normal formula is used (the skewness of Z_N, γ/√N, is then below ≈ 0.2 for the
 maps above, and the two agree to < 0.002 in the score on them); below :data:`MIN_SIMULATED_IMAGES` too (the
 per-pixel variances of 2–7 images are too rough to standardise by).

@@ -465,9 +465,8 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     first = max(1, int(np.ceil(max(stack.shape[1:]) / (4 * bootstrap_side))))
     stored = block_reduce(stack, first, how="sum")  # block sums over factor² map pixels
     factor = down * first
-    total = float(stored.mean(axis=0).sum())
-    covered = float(data[: stored.shape[1] * factor, : stored.shape[2] * factor].sum())
-    to_map_units = (covered / total if total > 0 else 1.0) / factor**2
+    units = _to_map_units(data, stored, factor)  # block sums over factor² pixels: per-pixel units below
+    to_map_units = (1.0 if units is None else units) / factor**2
     added = (factor * factor - 1) / 12.0
     fit = report.fit
     init = None

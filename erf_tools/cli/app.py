@@ -171,9 +171,10 @@ BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Images per f
                                         "(the largest batch whose estimated peak memory fits).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32 (exact protocol) or bf16/fp16 autocast.")]
-Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="Exact fast paths: NHWC, BN folding, RepLKNet re-parameterisation, "
-                                    "FFT for depthwise kernels >= 15 (maps change by float rounding only); on by "
-                                    "default, --no-fast measures the published training-time structure.")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="Exact fast paths: NHWC, BN folding, RepLKNet "
+                                    "re-parameterisation, FFT for depthwise kernels >= 15 (maps change by float "
+                                    "rounding only); on by default, --no-fast measures the published training-time "
+                                    "structure.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 Formats = Annotated[str, typer.Option("--format", "-f", help="Figure formats, comma-separated: png, pdf, svg.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the init, the sample crops and the bootstrap.")]

@@ -80,9 +80,8 @@ def _numeric_padding(padding, weight: torch.Tensor, dilation) -> tuple[int, int]
 
 def _conv2d_arguments(args, kwargs) -> list:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    values = list(args) + [kwargs.get(name, default) for name, default
-                           in zip(names[len(args):], (None, None, None, 1, 0, 1, 1)[len(args):])]
-    return values
+    return list(args) + [kwargs.get(name, default) for name, default
+                         in zip(names[len(args):], (None, None, None, 1, 0, 1, 1)[len(args):])]
 
 
 def _wants_bf16_gradient(x, weight) -> bool:

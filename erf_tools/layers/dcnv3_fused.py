@@ -30,10 +30,13 @@ from erf_tools.extension_build import BackendChoice, CppExtension, ExtensionUnav
 __all__ = [
     "BACKENDS",
     "EXTENSION",
+    "FALLBACK",
+    "FUSED_DTYPES",
     "FusedCoreUnavailable",
     "core_backend",
     "fused_core_available",
     "fused_dcnv3_core",
+    "fused_kernel_takes",
     "get_core_backend",
     "load_extension",
     "set_core_backend",
@@ -43,7 +46,10 @@ __all__ = [
 ENV_VAR = "ERF_TOOLS_DCNV3_CORE"
 SOURCE = Path(__file__).with_name("csrc") / "dcnv3_cpu.cpp"
 EXTENSION_NAME = "erf_tools_dcnv3_cpu"
-_FUSED_DTYPES = (torch.float32, torch.float64)
+#: what the fused kernels (C++ on CPU, Triton on CUDA) take: one of these dtypes, strided tensors, one device
+FUSED_DTYPES = (torch.float32, torch.float64)
+#: what runs instead when ``auto`` cannot build a fused kernel (the end of its one warning)
+FALLBACK = f"using the grid_sample reference (slower). Set {ENV_VAR}=reference to silence this."
 
 
 class FusedCoreUnavailable(ExtensionUnavailable):
@@ -108,16 +114,20 @@ def use_fused_core(*tensors: torch.Tensor) -> bool:
     backend = get_core_backend()
     if backend == "reference":
         return False
-    eligible = all(t.device.type == "cpu" and t.dtype in _FUSED_DTYPES and t.layout == torch.strided
-                   for t in tensors) and len({t.dtype for t in tensors}) == 1
-    if not eligible:
+    if not fused_kernel_takes(tensors, "cpu"):
         if backend == "fused":
             raise ValueError("the fused DCNv3 core takes CPU (C++) or CUDA (Triton) float32/float64 tensors of one "
                              "dtype, got "
                              + ", ".join(f"{t.device.type} {t.dtype}" for t in tensors))
         return False
-    return EXTENSION.wanted(backend, f"using the grid_sample reference (slower). Set {ENV_VAR}=reference to "
-                            "silence this.", stacklevel=3)
+    return EXTENSION.wanted(backend, FALLBACK, stacklevel=3)
+
+
+def fused_kernel_takes(tensors: tuple[torch.Tensor, ...], device_type: str) -> bool:
+    """Whether a fused kernel takes these inputs: strided tensors on ``device_type``, of one :data:`FUSED_DTYPES`
+    dtype."""
+    return all(t.device.type == device_type and t.dtype in FUSED_DTYPES and t.layout == torch.strided
+               for t in tensors) and len({t.dtype for t in tensors}) == 1
 
 
 class _FusedCore(torch.autograd.Function):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from erf_tools.extension_build import BuiltOnFirstUse, ExtensionUnavailable
-from erf_tools.layers.dcnv3_fused import ENV_VAR, get_core_backend
+from erf_tools.layers.dcnv3_fused import FALLBACK, fused_kernel_takes, get_core_backend
 
 try:
     import triton
@@ -28,8 +28,6 @@ except ImportError:  # the kernels below stay plain, never-called functions
     triton = tl = None
 
 __all__ = ["KERNELS", "DCNv3TritonCore", "TritonCoreUnavailable", "triton_dcnv3_core", "use_triton_core"]
-
-_DTYPES = (torch.float32, torch.float64)
 
 
 def _jit(fn):
@@ -222,11 +220,9 @@ def use_triton_core(*tensors: torch.Tensor) -> bool:
     backend = get_core_backend()
     if backend == "reference" or not all(t.device.type == "cuda" for t in tensors):
         return False
-    if not (all(t.dtype in _DTYPES and t.layout == torch.strided for t in tensors)
-            and len({t.dtype for t in tensors}) == 1):
+    if not fused_kernel_takes(tensors, "cuda"):
         if backend == "fused":
             raise ValueError("the Triton DCNv3 core takes CUDA float32/float64 tensors of one dtype, got "
                              + ", ".join(str(t.dtype) for t in tensors))
         return False
-    return KERNELS.wanted(backend, f"using the grid_sample reference (slower). Set {ENV_VAR}=reference to silence "
-                          "this.", stacklevel=3)
+    return KERNELS.wanted(backend, FALLBACK, stacklevel=3)
