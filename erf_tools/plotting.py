@@ -404,6 +404,8 @@ def score_footer(report: Any, result: ERFResult) -> str:
     text = f"AGD score {score:.3f}" if isinstance(score, (int, float)) and np.isfinite(score) else "AGD score –"
     if interval and None not in interval:
         text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    if isinstance(score, (int, float)) and score > 1:  # the noise-free estimate's signed root: scatter about 1
+        text += " (above 1: Gaussian within the noise)"
     text += f" from {result.num_images} images"
     warning = image_count_warning(report, result)
     return text + (f" · {warning}" if warning else "")

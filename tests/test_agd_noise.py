@@ -11,9 +11,10 @@ import pytest
 
 from erf_tools.analysis import analyze, fit_gaussian, gaussian_2d
 from erf_tools.analysis.weighted_fit import fit_gaussian_weighted
-from erf_tools.analysis.noise import estimate_map_noise
+from erf_tools.analysis.noise import estimate_map_noise, gain_adjusted_stack, gain_adjusted_standard_error
 from erf_tools.analysis.noise_free import (expected_positive_part, expected_sqrt_positive, noise_free_agd,
-                                           noise_free_r_squared)
+                                           noise_free_r_squared, radial_residual, score_from_hellinger_squared)
+from erf_tools.analysis.uncertainty import bootstrap_maps
 from erf_tools.results import ERFResult, load_result, save_result
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
@@ -130,6 +131,89 @@ def test_result_file_keeps_the_standard_error_and_old_files_load(tmp_path):
     assert again.map_standard_error is None and again.num_independent_images is None
 
 
+# --- the estimator's parts --------------------------------------------------------------------------------------
+def test_signed_root_is_odd_and_the_raw_mapping_clips():
+    assert score_from_hellinger_squared(0.04, signed=True) == pytest.approx(0.8)
+    assert score_from_hellinger_squared(-0.04, signed=True) == pytest.approx(1.2)
+    assert score_from_hellinger_squared(-3.0, signed=True) == 2.0 and score_from_hellinger_squared(3.0) == 0.0
+    assert score_from_hellinger_squared(-0.04) == 1.0 and np.isnan(score_from_hellinger_squared(float("nan")))
+
+
+def test_a_perfect_gaussian_under_noise_scores_about_one_on_both_sides():
+    """White noise on a floor around an exact Gaussian: the estimates scatter about 1, above it too; their mean is
+    within a quarter of the mean interval half-width of 1 (clipped at 1 it was biased low by about 0.6 of it)."""
+    t = gaussian_2d((40, 40), (19.5, 19.5), 6.0, 6.0)
+    rng = np.random.default_rng(11)
+    scores, half = [], []
+    for r in range(6):
+        stack = np.maximum(t + 1.0 + 0.3 * rng.standard_normal((16, 40, 40)), 0.0)
+        report = analyze(stack, bootstrap=20, seed=r)
+        low, high = report.interval("agd_score")
+        scores.append(report.agd_score)
+        half.append((high - low) / 2)
+        assert low <= 1.0 <= high and high > 1.0
+    assert max(scores) > 1.0
+    assert abs(np.mean(scores) - 1.0) < 0.25 * np.mean(half)
+
+
+def test_gain_adjusted_stack_removes_per_image_gain_and_level():
+    rng = np.random.default_rng(12)
+    g = gaussian_2d((24, 24), (11.5, 11.5), 4.0, 4.0)
+    gains, levels = np.exp(0.75 * rng.standard_normal(10)), 0.2 * rng.random(10)
+    stack = gains[:, None, None] * g + levels[:, None, None]
+    adjusted = gain_adjusted_stack(stack)
+    np.testing.assert_allclose(adjusted.mean(axis=0), stack.mean(axis=0), atol=1e-12)
+    assert adjusted.std(axis=0).max() < 1e-12 < stack.std(axis=0).max()  # only gain and level: no shape noise
+    noisy = stack + 0.05 * rng.standard_normal(stack.shape)
+    residual = gain_adjusted_stack(noisy).std(axis=0, ddof=1)
+    assert np.median(residual) == pytest.approx(0.05, rel=0.2)  # the pixel noise is kept
+    # the engine's exact second moments are scaled block by block by the same ratio
+    scaled = gain_adjusted_standard_error(noisy.std(axis=0, ddof=1) / np.sqrt(10), noisy, gain_adjusted_stack(noisy))
+    np.testing.assert_allclose(scaled, residual / np.sqrt(10), rtol=1e-10)
+
+
+def test_a_per_image_gain_does_not_move_the_score():
+    """Per-image maps that differ only by a log-normal gain and ReLU'd white noise: the score estimate equals the one
+    of the same maps without the gain within their noise (the gain used to be corrected as if it were pixel noise)."""
+    t = shape("gauss_large", 40)
+    rng = np.random.default_rng(13)
+    z = 0.3 * rng.standard_normal((32, 40, 40))
+    gain = np.exp(0.75 * rng.standard_normal((32, 1, 1)) - 0.5 * 0.75**2)
+    plain, scaled = analyze(np.maximum(t + z, 0), bootstrap=0), analyze(np.maximum(t * gain + z, 0), bootstrap=0)
+    assert scaled.noise["reliability"]["gain_adjusted"]
+    assert scaled.agd_score == pytest.approx(plain.agd_score, abs=0.03)
+
+
+def test_radial_residual_keeps_a_sharp_rim_and_drops_noise_rings():
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 31.5, xx - 31.5)
+    rim = (r <= 12).astype(float) * 0.2
+    rng = np.random.default_rng(14)
+    se = np.full((64, 64), 0.1)
+    profile = radial_residual(rim + se * rng.standard_normal(rim.shape), se, (31.5, 31.5), 25.0 * np.eye(2))
+    inside, outside = (r < 11), (r > 13) & (r < 30)
+    assert abs(profile[inside].mean() - 0.2) < 0.02 and np.abs(profile[outside]).max() < 0.06
+    assert (profile[outside] == 0).mean() > 0.9  # rings of pure noise contribute nothing
+    assert np.abs(profile[(r > 12.3) & (r < 13)]).max() < 0.06  # no blur across the rim
+    noise_only = radial_residual(se * rng.standard_normal(rim.shape), se, (31.5, 31.5), 25.0 * np.eye(2))
+    assert (noise_only == 0).mean() > 0.9
+
+
+def test_bootstrap_error_maps_give_the_resamples_standard_error():
+    rng = np.random.default_rng(15)
+    maps = rng.random((12, 6, 6))
+    seen = []
+
+    def statistic(mean, se):
+        seen.append(se.mean())
+        return {"m": float(mean.mean())}
+
+    bootstrap_maps(maps, statistic, n_resamples=3, with_standard_error=True, error_maps=np.zeros_like(maps))
+    assert seen == [0.0] * 4
+    with pytest.raises(ValueError, match="error_maps"):
+        bootstrap_maps(maps, statistic, n_resamples=1, with_standard_error=True, error_maps=maps[:3])
+
+
 # --- simulation: bias and coverage against the known noise-free score ---------------------------------------------
 # Size 40 px, per-image ReLU'd white noise of s.d. 0.3 × the peak, 8 repetitions, 30 resamples: the CI version of
 # bench/bench_agd_noise.py. Asserted for every case: the noise-free score is closer to the truth than the raw score.
@@ -153,25 +237,33 @@ def test_noise_free_score_is_less_biased_than_the_raw_score(name):
         assert abs(np.mean(est) - truth) < 0.6 * abs(np.mean(raw) - truth), (name, n)
 
 
-# Cases where bench/bench_agd_noise.py meets the issue's targets (coverage ≥ 0.9 and |bias| < half-width / 4) at
-# σ = 0.3, size 48, with the noise shape from the per-image maps; see bench/RESULTS.md for the full table, including
-# the cases that do not yet (the small Gaussian at N ≤ 64, the disk, the spike on a plateau and the stepped profile,
-# which the plug-in map over-corrects).
-PASSING = [("gauss_large", 8), ("gauss_aniso", 64), ("checker_gauss", 8), ("checker_gauss", 64)]
+# Cases where bench/bench_agd_noise.py meets the issue's targets (coverage ≥ 0.9 and |bias| < half-width / 4) with a
+# margin (|bias| ≤ 0.12 half-widths, coverage 1.00 over 12 repetitions, 24 for the bias) at σ = 0.3, size 48: one or
+# two per shape and noise model, among them the former failures (small Gaussians at N ≤ 64, Gaussians under a
+# heavy-tailed per-image gain, the disk). bench/RESULTS.md ("third round") has the full 84-case table, including the
+# 34 cases that still miss (ReLU'd Gaussians over-corrected at N ≥ 64, white-noise Gaussians under-corrected at
+# N ≥ 64, the stepped profile and the spike on a plateau over-corrected).
+PASSING = [("gauss_small", "relu", 16), ("gauss_small", "heavy", 64), ("gauss_large", "relu", 8),
+           ("gauss_large", "white", 64), ("gauss_aniso", "relu", 16), ("gauss_aniso", "heavy", 64),
+           ("disk", "white", 64), ("disk", "heavy", 16), ("checker_gauss", "white", 64),
+           ("checker_gauss", "heavy", 64)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,n", PASSING)
-def test_interval_covers_the_noise_free_score(name, n):
+@pytest.mark.parametrize("name,noise,n", PASSING)
+def test_interval_covers_the_noise_free_score(name, noise, n):
+    """Coverage ≥ 5/6 and a mean bias within a quarter of the mean half-width, up to 2 standard errors of the mean
+    of 6 repetitions (the target is on the true bias; 6 draws estimate it to ± 2 s.e.)."""
     t = shape(name, 48)
-    truth = true_score(t, "relu", 0.3)
+    truth = true_score(t, noise, 0.3)
     rng = np.random.default_rng(7)
     est, cover, half = [], [], []
     for r in range(6):
-        report = analyze(draw(t, "relu", 0.3, n, rng), bootstrap=30, seed=r)
+        report = analyze(draw(t, noise, 0.3, n, rng), bootstrap=30, seed=r)
         low, high = report.interval("agd_score")
         est.append(report.agd_score)
         cover.append(low <= truth <= high)
         half.append((high - low) / 2)
-    assert np.mean(cover) >= 5 / 6, (name, n, cover)
-    assert abs(np.mean(est) - truth) < 0.25 * np.mean(half) + 0.002, (name, n, np.mean(est) - truth, np.mean(half))
+    assert np.mean(cover) >= 5 / 6, (name, noise, n, cover)
+    bias, standard_error = np.mean(est) - truth, np.std(est, ddof=1) / np.sqrt(len(est))
+    assert abs(bias) < 0.25 * np.mean(half) + 2 * standard_error, (name, noise, n, bias, np.mean(half))

@@ -48,4 +48,7 @@ def test_golden_scores(erf_regression, name, size, images):
     model = timm.create_model(name, pretrained=False)
     activate_branches(model, seed=0)
     inputs = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    erf_regression.check(model, images=inputs, protocol="replknet", bootstrap=0, fields=FIELDS)
+    # fast=False: the module as given. The exact fast paths (BN folding, re-parameterisation, channels-last) agree with
+    # it to float32 rounding, which depends on the CPU's kernels (RepLKNet-13's map_max: 6e-4 apart between an Intel
+    # and an AMD machine), too loose for map_sum/map_max; they have their own equality tests.
+    erf_regression.check(model, images=inputs, protocol="replknet", bootstrap=0, fields=FIELDS, fast=False)

@@ -50,7 +50,7 @@ def test_lite1_erf_is_measured_and_scored():
     assert tuple(result.preprocessing["mean"]) == (0.5, 0.5, 0.5)  # the model's own normalisation
     assert result.map.shape == (128, 128) and np.isfinite(result.map).all() and result.map.max() > 0
     report = analyze(result, bootstrap=0)
-    assert 0.0 < report.agd_score <= 1.0
+    assert 0.0 < report.agd_score <= 2.0 and 0.0 < report.agd_score_raw <= 1.0
 
 
 def test_lite1_with_the_replknet_preset_warns_about_the_normalisation():
@@ -72,9 +72,10 @@ def lite1_erf_96():
 def test_lite1_agd_score_from_16_and_96_images(lite1_erf_96):
     """The headline number of a trained network must not be a function of the image count.
 
-    Measured: agd_score 0.869 [0.72, 1.00] at 16 images against 0.896 [0.86, 0.95] at 96 (agd_score_raw 0.620 and
+    Measured: agd_score 0.888 [0.72, 1.16] at 16 images against 0.897 [0.86, 0.95] at 96 (agd_score_raw 0.620 and
     0.797). With the normal noise shape the 16-image score was 0.789: the per-image maps' skewed noise shape
-    (erf_tools.analysis.noise_shape) removed the small-N under-correction.
+    (erf_tools.analysis.noise_shape) removed the small-N under-correction; 0.869 before the radial plug-in, the
+    gain-adjusted noise and the signed root (docs/scoring.md).
     """
     stack = np.asarray(lite1_erf_96.per_image_maps, dtype=np.float64)
     few, many = analyze(stack[:16], bootstrap=50, seed=0), analyze(stack, bootstrap=50, seed=0)
@@ -86,7 +87,8 @@ def test_lite1_agd_score_from_16_and_96_images(lite1_erf_96):
 
 @pytest.mark.slow
 def test_lite1_agd_score_16_vs_96_images_within_0_05(lite1_erf_96):
-    """Measured: 0.869 against 0.896 (difference 0.027; 0.109 with the normal noise shape)."""
+    """Measured: 0.888 against 0.897 (difference 0.009; 0.027 before the third round, 0.109 with the normal noise
+    shape)."""
     stack = np.asarray(lite1_erf_96.per_image_maps, dtype=np.float64)
     few, many = analyze(stack[:16], bootstrap=0), analyze(stack, bootstrap=0)
     assert abs(many.agd_score - few.agd_score) < 0.05
@@ -132,7 +134,7 @@ def test_lite1_synthetic_vs_photos_fitted_sigma_within_10_percent(lite1_syntheti
 
 @pytest.mark.slow
 def test_lite1_synthetic_agd_score_within_the_photographs_interval(lite1_synthetic_vs_photos):
-    """Measured: synthetic 0.901 inside the photographs' [0.69, 1.00]; the two intervals overlap."""
+    """Measured: synthetic 0.907 inside the photographs' [0.68, 1.19]; the two intervals overlap."""
     (synthetic, photos), *_ = lite1_synthetic_vs_photos
     photo_low, photo_high = photos.interval("agd_score")
     synth_low, synth_high = synthetic.interval("agd_score")
@@ -143,7 +145,7 @@ def test_lite1_synthetic_agd_score_within_the_photographs_interval(lite1_synthet
 @pytest.mark.slow
 def test_lite1_agd_scores_agree_at_the_same_image_count(lite1_synthetic_vs_photos):
     """12 synthetic images against the 12 photographs: each score inside the other's interval. Measured: synthetic
-    0.863 [0.68, 1.00] (raw 0.595) against the photographs' 0.884 [0.69, 1.00] (raw 0.590)."""
+    0.872 [0.69, 1.22] (raw 0.595) against the photographs' 0.831 [0.68, 1.19] (raw 0.590)."""
     (_, photos), _, matched = lite1_synthetic_vs_photos
     (m_low, m_high), (p_low, p_high) = matched.interval("agd_score"), photos.interval("agd_score")
     assert m_low <= photos.agd_score <= m_high and p_low <= matched.agd_score <= p_high
@@ -151,9 +153,9 @@ def test_lite1_agd_scores_agree_at_the_same_image_count(lite1_synthetic_vs_photo
 
 @pytest.mark.slow
 def test_lite1_photographs_agd_score_within_the_synthetic_interval(lite1_synthetic_vs_photos):
-    """Measured: the photographs' 0.884 (12 images) inside [0.82, 1.00] of 48 synthetic images (0.901). With the
+    """Measured: the photographs' 0.831 (12 images) inside [0.82, 1.08] of 48 synthetic images (0.907). With the
     normal noise shape the photographs scored 0.767, below that interval: the small-N under-correction, not the
-    source (12 synthetic images scored 0.759 then, 0.863 now)."""
+    source (12 synthetic images scored 0.759 then, 0.872 now)."""
     (synthetic, photos), *_ = lite1_synthetic_vs_photos
     low, high = synthetic.interval("agd_score")
     assert low <= photos.agd_score <= high

@@ -28,7 +28,7 @@ from scipy.ndimage import gaussian_filter
 from .maps import check_map
 
 __all__ = ["NoiseModel", "standard_error_from_stack", "estimate_map_noise", "noise_model_from_standard_error",
-           "MAP_NOISE_BINS"]
+           "MAP_NOISE_BINS", "gain_adjusted_stack", "gain_adjusted_standard_error"]
 
 MAP_NOISE_BINS = 12
 """Quantile bins of the local level in the map-only noise estimator."""
@@ -74,6 +74,46 @@ def noise_model_from_standard_error(standard_error, shape: tuple[int, int], *, n
         raise ValueError("map_standard_error must be finite and non-negative")
     return NoiseModel(s, "per-image", num_images, num_independent_images,
                       {"exact": True, "from": "per-image second moments"})
+
+
+def gain_adjusted_stack(stack) -> np.ndarray:
+    """The per-image maps without the part of their spread that only rescales the mean map or shifts its level.
+
+    Each map is regressed on the mean map over the pixels, X_i ≈ α_i + γ_i·M, and X'_i = X_i − α_i − (γ_i − 1)·M: the
+    same mean (the regression of M on itself is α = 0, γ = 1), and per-pixel variances of what is left. The AGD score,
+    R², σ and the other shape numbers do not change when the map is multiplied by a constant, and the fitted offset
+    takes up a constant: a per-image gain (one image's gradients all twice as strong, a common trait of ReLU
+    networks' per-image maps) or level is noise of the raw map but not of its shape, and counting it over-corrects
+    the noise bias. The offset matters as much as the gain: a background of clamped noise does not grow with the
+    gain, and a gain-only adjustment (X_i − M·(S_i/S̄ − 1)) would make it look noisier than it is. A stack whose mean
+    map is flat is returned as it is.
+    """
+    data = np.asarray(stack, dtype=np.float64)
+    n = data.shape[0]
+    flat = data.reshape(n, -1)
+    mean = flat.mean(axis=0)
+    centred = mean - mean.mean()
+    spread = float(centred @ centred)
+    if not spread > 0:
+        return data
+    gain = (flat - flat.mean(axis=1, keepdims=True)) @ centred / spread
+    level = flat.mean(axis=1) - gain * mean.mean()
+    return (flat - level[:, None] - (gain - 1.0)[:, None] * mean).reshape(data.shape)
+
+
+def gain_adjusted_standard_error(standard_error, stack, adjusted, *, downsample: int = 1) -> np.ndarray:
+    """A given per-pixel standard error (the engine's exact second moments) scaled by √(Var X'/Var X) of the
+    per-image maps (:func:`gain_adjusted_stack`), per block of ``downsample`` px; 1 where the maps do not vary."""
+    s = np.asarray(standard_error, dtype=np.float64)
+    raw_var = np.asarray(stack, dtype=np.float64).var(axis=0)
+    ratio = np.sqrt(np.divide(np.asarray(adjusted).var(axis=0), raw_var, out=np.ones_like(raw_var),
+                              where=raw_var > 0))
+    f = int(downsample)
+    if f > 1:
+        ratio = np.repeat(np.repeat(ratio, f, axis=0), f, axis=1)
+    factor = np.pad(ratio, ((0, max(0, s.shape[0] - ratio.shape[0])), (0, max(0, s.shape[1] - ratio.shape[1]))),
+                    mode="edge")[: s.shape[0], : s.shape[1]]
+    return s * factor
 
 
 def standard_error_from_stack(stack: np.ndarray, shape: tuple[int, int], *, downsample: int = 1,

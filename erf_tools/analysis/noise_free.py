@@ -20,9 +20,13 @@ For a pixel with noise-free value m and Gaussian noise of s.d. s the expectation
 
 (F tabulated once by quadrature), so the bias of D and U at a noise-free map m̃ is computed without Monte Carlo:
 β_D(m̃) = Σ E max(m̃_j − b + s_j Z, 0) − max(m̃_j − b, 0), and likewise β_U. It is evaluated at a denoised plug-in
-m̃ = fitted model + w·(smoothed residual), the residual smoothed by a Gaussian of :data:`RESIDUAL_SMOOTHING` px and
-shrunk by the Wiener factor w = max(0, 1 − noise variance / local residual power), so that a map the Gaussian
-describes is taken as the Gaussian, and a map it does not (a disk, a plateau, steps) keeps its real structure; then
+m̃ = fitted model + radial profile of the residual (:func:`radial_residual`: ring means along the fitted ellipses,
+kept where they stand :data:`RING_THRESHOLD` standard errors above 0) + the rest of the residual smoothed by
+:data:`RESIDUAL_SMOOTHING` px and kept only where it stands clearly above the noise (Wiener factor with
+:data:`RESIDUAL_THRESHOLD`). What a Gaussian fit misses in an ERF is mostly radial (a disk's rim, steps, a plateau,
+tails), and the bias terms are most sensitive where the map crosses the offset, exactly at such rims: rings average
+the noise away without blurring across them. Noise left in the plug-in is not harmless either: the bias terms have a
+cusp at x = 0, so a noisy plug-in there under-estimates them. Then
 D₀ = D(M) − β_D(m̃), U₀ = U(M) − β_U(m̃), BC₀ = U₀/√D₀ and agd_score = 1 − √(1 − BC₀).
 
 The expectations are taken under the noise shape of the pixels (:mod:`.noise_shape`: simulated from the per-image
@@ -45,36 +49,38 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from scipy.stats import chi2 as chi2_distribution
 
 from .noise_shape import (VARIANCE_SMOOTHING, NoiseShape, expected_positive_part, expected_sqrt_positive,
                           smoothed_standard_error)
 
 __all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
            "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
-           "gaussian_explains", "GATE_LEVEL", "RESIDUAL_THRESHOLD", "fit_noise_power"]
+           "RESIDUAL_THRESHOLD", "RING_THRESHOLD", "fit_noise_power", "radial_residual", "RADIAL_BIN_WIDTH"]
 
 RESIDUAL_SMOOTHING = 2.0
-"""σ (map pixels) of the Gaussian smoothing the fit residual in the plug-in map (chosen on the simulations of
-bench/bench_agd_noise.py: 1 px leaves more noise in the plug-in, 3 px blurs steps and plateaus)."""
+"""σ (map pixels) of the Gaussian smoothing the non-radial rest of the fit residual in the plug-in map."""
 
-GATE_LEVEL = 0.05
-"""χ² p-value above which the fitted Gaussian alone is the plug-in map (:func:`gaussian_explains`)."""
+RESIDUAL_THRESHOLD = 4.0
+"""Shrinkage threshold of the non-radial rest of the residual in the plug-in map (:func:`denoised_map`): kept only
+where its local power exceeds 4 × the noise's (chosen on bench/bench_agd_noise.py: with the Wiener threshold 1 the
+rest of a Gaussian map is mostly noise, which biases the correction low by up to 0.1 at 8 images)."""
 
-GATE_FLOOR = 0.5
-"""Floor of s in the χ² gate, as a fraction of the median positive s."""
+RING_THRESHOLD = 2.0
+"""A ring's mean residual enters the plug-in map only when it exceeds this many of its standard errors
+(:func:`radial_residual`)."""
 
-RESIDUAL_THRESHOLD = 1.0
-"""Shrinkage threshold of the residual in the plug-in map (:func:`denoised_map`)."""
+RADIAL_BIN_WIDTH = 0.5
+"""Width (px, in the fitted Gaussian's whitened radius scaled to √(σ_major·σ_minor)) of the bins of the residual's
+radial profile in the plug-in map (:func:`radial_residual`)."""
 
 @dataclass(frozen=True)
 class NoiseFreeScore:
     """Result of :func:`noise_free_agd`.
 
     ``score`` is the noise-free estimate, ``raw`` the score of the noisy map (``agd_score_raw``);
-    ``hellinger_squared`` the bias-corrected H² = 1 − BC₀ (may come out slightly negative through noise: the score is
-    then 1); ``bias`` = raw − score; ``noise_mass_fraction`` the share of the raw normaliser D(M) that is noise,
-    β_D/D(M).
+    ``hellinger_squared`` the bias-corrected H² = 1 − BC₀ (negative through noise when the ERF is Gaussian within it:
+    the score is then above 1, :func:`score_from_hellinger_squared`); ``bias`` = raw − score; ``noise_mass_fraction``
+    the share of the raw normaliser D(M) that is noise, β_D/D(M).
     """
 
     score: float
@@ -96,16 +102,62 @@ class NoiseFreeScore:
                 "residual_smoothing_px": RESIDUAL_SMOOTHING}
 
 
-def score_from_hellinger_squared(h2: float) -> float:
-    """1 − √H², with H² clipped to [0, 1] (NaN stays NaN)."""
+def score_from_hellinger_squared(h2: float, *, signed: bool = False) -> float:
+    """1 − √H², with H² clipped to [0, 1] (NaN stays NaN).
+
+    ``signed=True``: 1 − sign(H²)·√|H²| (|H²| clipped to 1), the map of the noise-free estimate. A bias-corrected H²
+    scatters about its true value, below 0 too when the ERF is Gaussian within the noise; clipping it at 0 turns that
+    scatter into a downward bias of the score of ≈ 0.6 × the interval half-width at a perfect Gaussian. The signed root
+    is odd, so an H² estimate symmetric about 0 gives a score centred on 1 (values above 1 are that scatter), and its
+    largest bias, near H² ≈ 0.4 × its own s.d., is ≈ 0.22 half-widths (docs/scoring.md, section 2).
+    """
     if not np.isfinite(h2):
         return float("nan")
+    if signed:
+        return float(1.0 - np.sign(h2) * np.sqrt(min(abs(h2), 1.0)))
     return float(1.0 - np.sqrt(min(max(h2, 0.0), 1.0)))
 
 
+def radial_residual(residual, standard_error, centre, covariance, *, width: float = RADIAL_BIN_WIDTH,
+                    threshold: float | None = None) -> np.ndarray:
+    """The residual's profile along the ellipses of the fitted Gaussian, as a map: the mean of ``residual`` in bins of
+    ``width`` px of the whitened radius √(dᵀΣ⁻¹d)·(det Σ)^¼, d the offset from ``centre``.
+
+    Why: what a Gaussian fit leaves out of an ERF is mostly radial (a disk's flat top and sharp rim, the steps of a
+    stepped profile, a plateau under a spike, heavier or lighter tails), and the bias terms are most sensitive
+    exactly at such rims, where the map crosses the fitted offset. A ring of pixels averages the noise away (a ring
+    of radius r has ≈ 2πr·``width`` pixels) without blurring across the rim, which isotropic smoothing does.
+    The mean is unweighted: weights from the pixels' own standard errors are correlated with their values (a ReLU'd
+    pixel that was 0 in most images has both a low value and a low standard error) and bias the profile. A ring's
+    mean p is kept only where p² ≥ ``threshold``·e² (default :data:`RING_THRESHOLD`²), e its standard error (independent pixels), and set to 0
+    otherwise (hard thresholding: a partly shrunk significant ring would leave a systematic error at a rim): a ring
+    whose mean is noise contributes nothing, because the bias terms have a cusp where the map crosses the offset and
+    even an unbiased but noisy plug-in there under-estimates them.
+    """
+    threshold = RING_THRESHOLD**2 if threshold is None else threshold
+    r = np.asarray(residual, dtype=np.float64)
+    s2 = np.broadcast_to(np.asarray(standard_error, dtype=np.float64) ** 2, r.shape)
+    cov = np.asarray(covariance, dtype=np.float64)
+    det = float(np.linalg.det(cov)) if cov.shape == (2, 2) else float("nan")
+    if not (det > 0 and np.all(np.isfinite(cov)) and all(np.isfinite(centre))) or not width > 0:
+        return np.zeros_like(r)
+    yy, xx = np.mgrid[: r.shape[0], : r.shape[1]].astype(np.float64)
+    dy, dx = yy - float(centre[0]), xx - float(centre[1])
+    inv = np.linalg.inv(cov)
+    radius = np.sqrt(np.maximum(inv[0, 0] * dy * dy + 2 * inv[0, 1] * dy * dx + inv[1, 1] * dx * dx, 0.0)) * det**0.25
+    bins = (radius / width).astype(np.intp).ravel()
+    count = np.bincount(bins).astype(np.float64)
+    profile = np.divide(np.bincount(bins, r.ravel()), count, out=np.zeros(count.shape), where=count > 0)
+    noise = np.divide(np.bincount(bins, s2.ravel()), count**2, out=np.zeros(count.shape), where=count > 0)
+    profile[profile * profile < threshold * noise] = 0.0
+    return profile[bins].reshape(r.shape)
+
+
 def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SMOOTHING,
-                 threshold: float = RESIDUAL_THRESHOLD) -> np.ndarray:
-    """Plug-in estimate of the noise-free map: ``model`` + Wiener-shrunk Gaussian-smoothed residual (module docstring).
+                 threshold: float = RESIDUAL_THRESHOLD, centre=None, covariance=None) -> np.ndarray:
+    """Plug-in estimate of the noise-free map: ``model`` + the residual's radial profile (:func:`radial_residual`,
+    when the fit's ``centre`` and ``covariance`` are given) + the Wiener-shrunk Gaussian-smoothed rest of the residual
+    (module docstring).
 
     Parameters
     ----------
@@ -118,9 +170,14 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
     threshold : float
         Shrink factor max(0, 1 − threshold · noise variance / local residual power): 1 is the Wiener factor; larger
         values keep the residual only where it clearly stands above the noise.
+    centre, covariance : optional
+        The fitted Gaussian's centre (y, x) and covariance (map pixels): the residual's radial profile is then part of
+        the plug-in, unsmoothed across rings.
     """
     data = np.asarray(image, dtype=np.float64)
     model = np.asarray(model, dtype=np.float64)
+    if centre is not None and covariance is not None:
+        model = model + radial_residual(data - model, standard_error, centre, covariance)
     residual = data - model
     if not smoothing > 0:
         return data.copy()
@@ -137,34 +194,11 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
     return model + shrink * smooth
 
 
-def gaussian_explains(image, model, standard_error, *, variance_dof: int | None = None,
-                      level: float = GATE_LEVEL) -> tuple[bool, float]:
-    """(p ≥ ``level``, p) of the χ² test "``model`` explains ``image`` within its noise" (unweighted-fit residual).
-
-    χ² = Σ ((M − m)/s)² with s floored at :data:`GATE_FLOOR` × its median positive value (a background pixel where
-    every image was 0 has s = 0, which is sampling luck, not certainty), scaled by (ν − 2)/ν when the variances
-    have ν = ``variance_dof`` degrees of freedom, against χ²(P − 7). Pixels are taken as independent.
-    """
-    data = np.asarray(image, dtype=np.float64)
-    s = np.broadcast_to(np.asarray(standard_error, dtype=np.float64), data.shape)
-    positive = s[s > 0]
-    if not positive.size:
-        return False, float("nan")
-    s_eff = np.maximum(s, GATE_FLOOR * float(np.median(positive)))
-    chi2 = float((((data - np.asarray(model, dtype=np.float64)) / s_eff) ** 2).sum())
-    if variance_dof is not None and variance_dof > 2:
-        chi2 *= (variance_dof - 2) / variance_dof
-    dof = data.size - 7
-    if dof < 1:
-        return False, float("nan")
-    p = float(chi2_distribution.sf(chi2, dof))
-    return bool(p >= level), p
-
-
 def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,
                    smoothing: float = RESIDUAL_SMOOTHING, threshold: float = RESIDUAL_THRESHOLD,
-                   variance_dof: int | None = None, plug_in: str = "auto", noise_shape: NoiseShape | None = None,
-                   variance_smoothing: float = VARIANCE_SMOOTHING, level_scale: float = 1.0) -> NoiseFreeScore:
+                   plug_in: str = "radial", noise_shape: NoiseShape | None = None,
+                   variance_smoothing: float = VARIANCE_SMOOTHING, level_scale: float = 1.0, centre=None,
+                   covariance=None) -> NoiseFreeScore:
     """Noise-free AGD score of a noisy map for a given fit (module docstring).
 
     Parameters
@@ -181,18 +215,19 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
         The fitted model with offset (default ``gaussian + offset``).
     smoothing, threshold : float
         Residual smoothing and shrinkage of the plug-in map (:func:`denoised_map`).
-    variance_dof : int, optional
-        Degrees of freedom of the variances behind ``standard_error`` (N − 1), for the χ² gate.
-    plug_in : {"auto", "model", "residual"}
-        The noise-free map at which the bias is evaluated: the fitted model alone, the model plus the shrunk
-        residual, or (``"auto"``) the model alone when the χ² test accepts it (:func:`gaussian_explains`), else the
-        model plus the residual.
+    plug_in : {"radial", "model"}
+        The noise-free map at which the bias is evaluated: the model plus the residual's significant radial profile
+        and strong non-radial structure (:func:`denoised_map`, the default), or the fitted model alone (exact only for
+        a map that is a Gaussian plus a constant, and biased high on ReLU'd Gaussians, whose tails are not).
     noise_shape : NoiseShape, optional
         Distribution of the standardised pixel noise of the mean (:func:`~.noise_shape.noise_shape_from_stack`, from
         the per-image maps); default normal (the central limit theorem).
     variance_smoothing : float
         σ (px of ``image``) of the Gaussian smoothing of the variance map behind the bias terms
         (:func:`~.noise_shape.smoothed_standard_error`; 0: each pixel's own standard error).
+    centre, covariance : optional
+        The fitted Gaussian's centre and covariance (map pixels), for the radial part of the plug-in map
+        (:func:`denoised_map`); without them the residual is only smoothed and shrunk.
     level_scale : float
         Factor from this map's per-image signal-to-noise ratio to that of the maps the shape was built from: a shape
         from per-image maps block-summed by f, applied to a map with f times finer pixels, needs f (a block of f²
@@ -228,12 +263,11 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     u_raw = float((root_q * np.sqrt(positive)).sum())
     h2_raw = 1.0 - min(u_raw / np.sqrt(d_raw), 1.0)
     model = g + float(offset) if model is None else np.asarray(model, dtype=np.float64)
-    if plug_in not in ("auto", "model", "residual"):
-        raise ValueError(f"plug_in must be 'auto', 'model' or 'residual', got {plug_in!r}")
-    use_model = plug_in == "model" or (plug_in == "auto" and gaussian_explains(data, model, s,
-                                                                               variance_dof=variance_dof)[0])
-    plug = (model if use_model else denoised_map(data, model, s, smoothing=smoothing, threshold=threshold)) - float(
-        offset)
+    if plug_in not in ("radial", "model"):
+        raise ValueError(f"plug_in must be 'radial' or 'model', got {plug_in!r}")
+    use_model = plug_in == "model"
+    plug = (model if use_model else denoised_map(data, model, s, smoothing=smoothing, threshold=threshold,
+                                                 centre=centre, covariance=covariance)) - float(offset)
     plug_pos = np.maximum(plug, 0.0)
     scale = smoothed_standard_error(s, variance_smoothing)
     if noise_shape is None or noise_shape.is_normal:
@@ -247,10 +281,10 @@ def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None
     d0, u0 = d_raw - bias_d, u_raw - bias_u
     h2 = 1.0 - u0 / np.sqrt(d0) if d0 > 0 and u0 > 0 else nan
     raw = score_from_hellinger_squared(h2_raw)
-    score = score_from_hellinger_squared(h2)
+    score = score_from_hellinger_squared(h2, signed=True)
     return NoiseFreeScore(score=score, raw=raw, hellinger_squared=float(h2), hellinger_squared_raw=float(h2_raw),
                           bias=raw - score if np.isfinite(score) else nan, noise_mass_fraction=bias_d / d_raw,
-                          plug_in="model" if use_model else "model+residual",
+                          plug_in="model" if use_model else "model+radial+residual",
                           noise_shape="normal" if noise_shape is None else noise_shape.source)
 
 

@@ -24,12 +24,14 @@ from .area import (AREA_THRESHOLDS, OPENERF_RADII, AreaRatio, area_ratio, effect
 from .checkerboard import checkerboard_indices
 from .gaussian_fit import GaussianFit, KimFit, fit_gaussian, fit_gaussian_kim, gaussian_model, params_from_ellipse
 from .weighted_fit import WeightedGaussianFit, fit_gaussian_weighted
-from .maps import block_reduce, check_map, estimate_floor, remove_floor
-from .noise import NoiseModel, estimate_map_noise, noise_model_from_standard_error, standard_error_from_stack
+from .maps import check_map, estimate_floor, remove_floor
+from .noise import (NoiseModel, estimate_map_noise, gain_adjusted_stack, gain_adjusted_standard_error,
+                    noise_model_from_standard_error, standard_error_from_stack)
 from .noise_shape import VARIANCE_SMOOTHING, noise_shape_from_stack
+from .resample_grid import grid_fit, map_units_factor, resample_grid, usable
 from .noise_free import (NoiseFreeScore, fit_noise_power, noise_free_agd, noise_free_r_squared,
                          score_from_hellinger_squared)
-from .moments import Moments, argmax_position, ellipse_from_covariance, image_moments
+from .moments import Moments, argmax_position, image_moments
 from .shape import (GAUSSIAN_MARDIA_KURTOSIS, ShapeExponentFit, agd_score, beta_from_kurtosis, fit_shape_exponent,
                     hellinger_to_moment_gaussian, mardia_kurtosis, radial_monotonicity, radial_profile)
 from .uncertainty import BootstrapResult, ConvergenceCurve, bootstrap_maps, check_stack, convergence_curve
@@ -78,8 +80,8 @@ def _moments_dict(mom: Moments | None, scale: float, input_side: float) -> dict:
 class AGDReport:
     """How Gaussian an ERF is and how far it spreads; built by :func:`analyze`. ``to_dict()`` gives JSON-ready data.
 
-    Headline: ``agd_score`` (the noise-free estimate of 1 − Hellinger distance to the fitted Gaussian, in [0, 1];
-    ``agd_score_raw`` is the score of the noisy map as given) and the fitted σ in
+    Headline: ``agd_score`` (the noise-free estimate of 1 − Hellinger distance to the fitted Gaussian, in [0, 2]:
+    above 1 is a Gaussian within the noise; ``agd_score_raw`` is the score of the noisy map as given, in [0, 1]) and the fitted σ in
     ``spread["sigma_major"]``/``["sigma_minor"]`` (input pixels; NaN when the fit is flagged). ``flags`` lists
     everything that went wrong or needs care; ``not_gaussian`` is set when the fit failed or the AGD score is below
     the threshold given to :func:`analyze`. ``r_squared`` is the noise-corrected R² of the full-covariance fit
@@ -317,8 +319,10 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
     # the per-image maps, checked once; ``matching`` when they cover the map and can give per-pixel statistics
     checked = None if stack is None else check_stack(stack)
     down = int(down or 1)
-    matching = _matching_stack(data, checked, down)
-    noise = _noise_model(data, given_se, matching, down, num_images, num_independent)
+    raw_matching = _matching_stack(data, checked, down)
+    # the shape numbers are scale-free: a per-image gain is not noise of theirs (noise.gain_adjusted_stack)
+    matching = None if raw_matching is None else gain_adjusted_stack(raw_matching)
+    noise = _noise_model(data, given_se, raw_matching, matching, down, num_images, num_independent)
     noise_shape = None if matching is None else noise_shape_from_stack(matching)
     if noise.source == "map-only" and noise.reliability.get("correlated"):
         flags.append("map_noise_correlated")
@@ -328,9 +332,8 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             model_map = fit.evaluate(data.shape)
         nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,
-                            variance_dof=(noise.num_images - 1) if noise.num_images else None,
                             noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING * down,
-                            level_scale=float(down))
+                            level_scale=float(down), centre=fit.centre, covariance=fit.covariance)
         r2, r2_raw = noise_free_r_squared(data, model_map, noise.standard_error,
                                           noise_power=_fit_noise_power(data, matching, down, fit))
         noise_fit = fit_gaussian_weighted(data, noise.standard_error, fit, r_squared_threshold=r_squared_threshold,
@@ -462,41 +465,26 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     blocks). The intervals are then translated by (full-resolution estimate − reduced-resolution estimate from all
     images), so they are centred like the full-resolution numbers.
     """
-    first = max(1, int(np.ceil(max(stack.shape[1:]) / (4 * bootstrap_side))))
-    stored = block_reduce(stack, first, how="sum")  # block sums over factor² map pixels
-    factor = down * first
-    units = _to_map_units(data, stored, factor)  # block sums over factor² pixels: per-pixel units below
-    to_map_units = (1.0 if units is None else units) / factor**2
-    added = (factor * factor - 1) / 12.0
-    fit = report.fit
-    init = None
-    if np.isfinite(fit.sigma_major) and fit.sigma_minor > 0 and fit.amplitude > 0:
-        blurred = fit.covariance + added * np.eye(2)
-        major, minor, theta = ellipse_from_covariance(blurred / factor**2)
-        amp = fit.amplitude * math.sqrt(np.linalg.det(fit.covariance) / np.linalg.det(blurred))
-        init = GaussianFit(amplitude=amp, offset=fit.offset,
-                           centre=tuple((c - (factor - 1) / 2) / factor for c in fit.centre),
-                           sigma_major=major, sigma_minor=minor, theta=theta, r_squared=fit.r_squared, rmse=fit.rmse,
-                           converged=True)
+    grid = resample_grid(data, stack, down, report.fit, bootstrap_side)
+    stored, first, factor, added = grid.stored, grid.first, grid.factor, grid.added
 
     def statistic(mean_block_sums, se_block_sums):
-        m = mean_block_sums * to_map_units
+        m = grid.mean_map(mean_block_sums)
         out = {k: float("nan") for k in HEADLINE + CORRECTED}
         out.update({f"r({t:g})": float("nan") for t in thresholds})
         if not m.max() > 0 or min(m.shape) < 3:
             return out
         for a in area_ratio(m, thresholds, interpolate=True):
             out[f"r({a.threshold:g})"] = a.ratio if a.ratio is not None else float("nan")
-        f_floor = estimate_floor(m, method=floor) if isinstance(floor, str) else floor_value
-        g = fit_gaussian(m, floor=f_floor, init=init, restarts=init is None, max_fit_side=bootstrap_side,
-                         refine_side=bootstrap_side, r_squared_threshold=r_squared_threshold, max_nfev=100)
-        if g.amplitude > 0 and np.isfinite(g.sigma_major) and g.sigma_minor > 0 and all(np.isfinite(g.centre)):
+        g, f_floor = grid_fit(m, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
+                              r_squared_threshold=r_squared_threshold)
+        if usable(g):
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):
                 model = g.evaluate(m.shape)
-            se = se_block_sums * to_map_units
-            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, variance_dof=stored.shape[0] - 1,
-                                noise_shape=noise_shape, variance_smoothing=VARIANCE_SMOOTHING / first,
-                                level_scale=1.0 / first)
+            se = grid.mean_map(se_block_sums)
+            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, noise_shape=noise_shape,
+                                variance_smoothing=VARIANCE_SMOOTHING / first, level_scale=1.0 / first,
+                                centre=g.centre, covariance=g.covariance)
             out["agd_score"], out["agd_score_raw"] = nf.score, nf.raw
             out["hellinger_squared"], out["hellinger_squared_raw"] = nf.hellinger_squared, nf.hellinger_squared_raw
             out["r_squared"], out["r_squared_raw"] = noise_free_r_squared(m, model, se)
@@ -509,7 +497,7 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
         return out
 
     result = bootstrap_maps(stored, statistic, n_resamples=n_boot, confidence=confidence, seed=seed,
-                            with_standard_error=True)
+                            with_standard_error=True, error_maps=gain_adjusted_stack(stored))
     nf = report.noise_free
     full = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
             "sigma_minor": report.spread["sigma_minor"], "r_squared": report.r_squared,
@@ -544,7 +532,8 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
         intervals[name] = (low, high)
     h2 = intervals.pop("hellinger_squared", (float("nan"), float("nan")))
     # the AGD interval on the H² scale, where the estimator is smooth, mapped to the score (1 − √H² is monotone)
-    intervals["agd_score"] = (score_from_hellinger_squared(h2[1]), score_from_hellinger_squared(h2[0]))
+    intervals["agd_score"] = (score_from_hellinger_squared(h2[1], signed=True),
+                              score_from_hellinger_squared(h2[0], signed=True))
     for name, (low, high) in list(intervals.items()):
         low, high = _clip_interval(name, low, high)
         intervals[name] = (low, high)
@@ -567,14 +556,6 @@ def _matching_stack(data, checked, down: int) -> np.ndarray | None:
     return checked
 
 
-def _to_map_units(data, stack, down: int) -> float | None:
-    """Factor from the per-image maps' units to the map's (per-image maps are not normalised like the map: Kim et al.
-    normalise the mean to sum 1); None when the per-image maps are all 0."""
-    h, w = stack.shape[1:]
-    total = float(stack.mean(axis=0).sum())
-    return float(data[: h * down, : w * down].sum()) / total if total > 0 else None
-
-
 def _fit_noise_power(data, stack, down: int, fit: GaussianFit) -> tuple[float, float] | None:
     """The noise left in the fit's residual, from full-resolution per-image maps (None: independent pixels)."""
     if stack is None or down != 1 or stack.shape[1:] != data.shape:
@@ -582,24 +563,32 @@ def _fit_noise_power(data, stack, down: int, fit: GaussianFit) -> tuple[float, f
     params = params_from_ellipse(fit.amplitude, fit.offset, fit.centre, fit.sigma_major, fit.sigma_minor, fit.theta)
     _, jacobian = gaussian_model(params, np.arange(data.shape[0], dtype=np.float64),
                                  np.arange(data.shape[1], dtype=np.float64), jacobian=True)
-    to_map_units = _to_map_units(data, stack, down)
+    to_map_units = map_units_factor(data, stack, down)
     if not np.all(np.isfinite(jacobian)) or to_map_units is None:
         return None
     residual, spread = fit_noise_power(stack, jacobian)
     return residual * to_map_units**2, spread * to_map_units**2
 
 
-def _noise_model(data, given_se, stack, down: int, num_images, num_independent) -> NoiseModel:
-    """The per-pixel standard error of ``data``: given (engine), from the per-image stack covering the map
-    (:func:`_matching_stack`), or from the map alone."""
+def _noise_model(data, given_se, raw_stack, stack, down: int, num_images, num_independent) -> NoiseModel:
+    """The per-pixel standard error of ``data``: given (engine; gain-adjusted when the per-image maps are there),
+    from the gain-adjusted per-image stack ``stack`` covering the map (:func:`_matching_stack`), or from the map
+    alone."""
     if given_se is not None:
-        return noise_model_from_standard_error(given_se, data.shape, num_images=num_images,
-                                               num_independent_images=num_independent)
+        model = noise_model_from_standard_error(given_se, data.shape, num_images=num_images,
+                                                num_independent_images=num_independent)
+        if stack is None:
+            return NoiseModel(model.standard_error, model.source, model.num_images, num_independent,
+                              {**model.reliability, "gain_adjusted": False})
+        se = gain_adjusted_standard_error(model.standard_error, raw_stack, stack, downsample=down)
+        return NoiseModel(se, model.source, model.num_images, num_independent,
+                          {**model.reliability, "gain_adjusted": True})
     if stack is not None:
-        to_map_units = _to_map_units(data, stack, down)
+        to_map_units = map_units_factor(data, stack, down)
         model = standard_error_from_stack(stack, data.shape, downsample=down,
                                           to_map_units=1.0 if to_map_units is None else to_map_units)
-        return NoiseModel(model.standard_error, model.source, model.num_images, num_independent, model.reliability)
+        return NoiseModel(model.standard_error, model.source, model.num_images, num_independent,
+                          {**model.reliability, "gain_adjusted": True})
     return estimate_map_noise(data)
 
 
@@ -607,7 +596,9 @@ def _clip_interval(name: str, low: float, high: float) -> tuple[float, float]:
     """Keep translated/reflected interval ends inside the range of the statistic."""
     if name in ("r_squared", "r_squared_raw"):
         return min(low, 1.0), min(high, 1.0)
-    if name in ("agd_score", "agd_score_raw") or name.startswith("r("):
+    if name == "agd_score":  # the signed root of H² (score_from_hellinger_squared): above 1 within the noise
+        return float(np.clip(low, 0.0, 2.0)), float(np.clip(high, 0.0, 2.0))
+    if name == "agd_score_raw" or name.startswith("r("):
         return float(np.clip(low, 0.0, 1.0)), float(np.clip(high, 0.0, 1.0))
     return max(low, 0.0), max(high, 0.0)
 

@@ -75,7 +75,8 @@ class BootstrapResult:
 
 def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str, float]], *,
                    n_resamples: int = 200, confidence: float = 0.95, seed: int | None = 0,
-                   method: str = "percentile", with_standard_error: bool = False) -> BootstrapResult:
+                   method: str = "percentile", with_standard_error: bool = False,
+                   error_maps=None) -> BootstrapResult:
     """Bootstrap over images of scalar statistics of the mean map.
 
     Parameters
@@ -98,6 +99,10 @@ def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str
     with_standard_error : bool
         Call ``statistic(mean_map, standard_error_map)`` with the per-pixel standard error of each resample's mean
         (√(sample variance over the resampled images / N)), for statistics that correct their own noise bias.
+    error_maps : array_like, shape (N, h, w), optional
+        With ``with_standard_error``: per-image maps whose spread over the resampled images gives the standard error
+        (default ``per_image_maps``), e.g. the gain-adjusted maps (:func:`~erf_tools.analysis.noise.gain_adjusted_stack`)
+        for statistics that do not change when the map is rescaled.
 
     Returns
     -------
@@ -119,13 +124,21 @@ def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     n = stack.shape[0]
     flat = stack.reshape(n, -1)
-    squares = flat * flat if with_standard_error else None
+    if error_maps is not None:
+        errors = np.asarray(error_maps, dtype=np.float64).reshape(n, -1)
+        if errors.shape != flat.shape:
+            raise ValueError(f"error_maps must have the per-image maps' shape {stack.shape}, got "
+                             f"{np.shape(error_maps)}")
+    else:
+        errors = flat
+    squares = errors * errors if with_standard_error else None
 
     def call(weights):
         mean = np.einsum("i,ij->j", weights, flat)
         if not with_standard_error:
             return statistic(mean.reshape(stack.shape[1:]))
-        var = np.maximum(np.einsum("i,ij->j", weights, squares) - mean * mean, 0.0) * n / max(n - 1, 1)
+        centre = mean if errors is flat else np.einsum("i,ij->j", weights, errors)
+        var = np.maximum(np.einsum("i,ij->j", weights, squares) - centre * centre, 0.0) * n / max(n - 1, 1)
         return statistic(mean.reshape(stack.shape[1:]), np.sqrt(var / n).reshape(stack.shape[1:]))
 
     estimate = {k: float(v) for k, v in call(np.full(n, 1.0 / n)).items()}
