@@ -27,7 +27,8 @@ kept where they stand :data:`RING_THRESHOLD` standard errors above 0) + the rest
 tails), and the bias terms are most sensitive where the map crosses the offset, exactly at such rims: rings average
 the noise away without blurring across them. Noise left in the plug-in is not harmless either: the bias terms have a
 cusp at x = 0, so a noisy plug-in there under-estimates them. Then
-D₀ = D(M) − β_D(m̃), U₀ = U(M) − β_U(m̃), BC₀ = U₀/√D₀ and agd_score = 1 − √(1 − BC₀).
+D₀ = D(M) − β_D(m̃), U₀ = U(M) − β_U(m̃), BC₀ = U₀/√D₀, H² = 1 − BC₀ and agd_score = 1 − sign(H²)·√|H²| (the signed
+root: :func:`score_from_hellinger_squared`).
 
 The expectations are taken under the noise shape of the pixels (:mod:`.noise_shape`: simulated from the per-image
 maps' pooled residuals when they are given, else normal) with the variance map smoothed by
@@ -99,7 +100,8 @@ class NoiseFreeScore:
                 "noise_shape": self.noise_shape,
                 "method": "plug-in bias correction of D and U (per-pixel expectations at the denoised map under the "
                           "noise shape)",
-                "residual_smoothing_px": RESIDUAL_SMOOTHING}
+                "residual_smoothing_px": RESIDUAL_SMOOTHING, "rest_threshold": RESIDUAL_THRESHOLD,
+                "ring_threshold": RING_THRESHOLD, "ring_width_px": RADIAL_BIN_WIDTH, "score_map": "signed root"}
 
 
 def score_from_hellinger_squared(h2: float, *, signed: bool = False) -> float:
@@ -129,10 +131,10 @@ def radial_residual(residual, standard_error, centre, covariance, *, width: floa
     of radius r has ≈ 2πr·``width`` pixels) without blurring across the rim, which isotropic smoothing does.
     The mean is unweighted: weights from the pixels' own standard errors are correlated with their values (a ReLU'd
     pixel that was 0 in most images has both a low value and a low standard error) and bias the profile. A ring's
-    mean p is kept only where p² ≥ ``threshold``·e² (default :data:`RING_THRESHOLD`²), e its standard error (independent pixels), and set to 0
-    otherwise (hard thresholding: a partly shrunk significant ring would leave a systematic error at a rim): a ring
-    whose mean is noise contributes nothing, because the bias terms have a cusp where the map crosses the offset and
-    even an unbiased but noisy plug-in there under-estimates them.
+    mean p is kept only where p² ≥ ``threshold``·e² (default :data:`RING_THRESHOLD`²), e its standard error
+    (independent pixels), and set to 0 otherwise (hard thresholding: a partly shrunk significant ring would leave a
+    systematic error at a rim): a ring whose mean is noise contributes nothing, because the bias terms have a cusp
+    where the map crosses the offset and even an unbiased but noisy plug-in there under-estimates them.
     """
     threshold = RING_THRESHOLD**2 if threshold is None else threshold
     r = np.asarray(residual, dtype=np.float64)

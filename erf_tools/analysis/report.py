@@ -81,12 +81,12 @@ class AGDReport:
     """How Gaussian an ERF is and how far it spreads; built by :func:`analyze`. ``to_dict()`` gives JSON-ready data.
 
     Headline: ``agd_score`` (the noise-free estimate of 1 − Hellinger distance to the fitted Gaussian, in [0, 2]:
-    above 1 is a Gaussian within the noise; ``agd_score_raw`` is the score of the noisy map as given, in [0, 1]) and the fitted σ in
-    ``spread["sigma_major"]``/``["sigma_minor"]`` (input pixels; NaN when the fit is flagged). ``flags`` lists
-    everything that went wrong or needs care; ``not_gaussian`` is set when the fit failed or the AGD score is below
-    the threshold given to :func:`analyze`. ``r_squared`` is the noise-corrected R² of the full-covariance fit
-    (``r_squared_raw`` = ``fit.r_squared``); ``noise_model`` says where the per-pixel noise came from
-    (``"per-image"`` or ``"map-only"``), ``noise`` describes it, ``noise_fit`` is the weighted fit with its χ².
+    above 1 is a Gaussian within the noise; ``agd_score_raw`` is the score of the noisy map as given, in [0, 1]) and
+    the fitted σ in ``spread["sigma_major"]``/``["sigma_minor"]`` (input pixels; NaN when the fit is flagged).
+    ``flags`` lists everything that went wrong or needs care; ``not_gaussian`` is set when the fit failed or the AGD
+    score is below the threshold given to :func:`analyze`. ``r_squared`` is the noise-corrected R² of the
+    full-covariance fit (``r_squared_raw`` = ``fit.r_squared``); ``noise_model`` says where the per-pixel noise came
+    from (``"per-image"`` or ``"map-only"``), ``noise`` describes it, ``noise_fit`` is the weighted fit with its χ².
     """
 
     agd_score: float
@@ -328,7 +328,7 @@ def _analyze(result_or_map, input_size, bootstrap, seed, confidence, receptive_f
         flags.append("map_noise_correlated")
     if noise.num_images is not None and noise.num_images < MIN_IMAGES_FOR_NOISE:
         flags.append("noise_from_few_images")  # per-pixel variances from < 8 images: the correction is rough
-    if fit.amplitude > 0 and np.isfinite(fit.sigma_major) and fit.sigma_minor > 0 and all(np.isfinite(fit.centre)):
+    if usable(fit):
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             model_map = fit.evaluate(data.shape)
         nf = noise_free_agd(data, fit.offset, model_map - fit.offset, noise.standard_error, model=model_map,

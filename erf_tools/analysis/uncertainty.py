@@ -76,7 +76,7 @@ class BootstrapResult:
 def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str, float]], *,
                    n_resamples: int = 200, confidence: float = 0.95, seed: int | None = 0,
                    method: str = "percentile", with_standard_error: bool = False,
-                   error_maps=None) -> BootstrapResult:
+                   error_maps: np.ndarray | None = None) -> BootstrapResult:
     """Bootstrap over images of scalar statistics of the mean map.
 
     Parameters
@@ -101,8 +101,9 @@ def bootstrap_maps(per_image_maps, statistic: Callable[[np.ndarray], Mapping[str
         (√(sample variance over the resampled images / N)), for statistics that correct their own noise bias.
     error_maps : array_like, shape (N, h, w), optional
         With ``with_standard_error``: per-image maps whose spread over the resampled images gives the standard error
-        (default ``per_image_maps``), e.g. the gain-adjusted maps (:func:`~erf_tools.analysis.noise.gain_adjusted_stack`)
-        for statistics that do not change when the map is rescaled.
+        (default ``per_image_maps``), e.g. the gain-adjusted maps
+        (:func:`~erf_tools.analysis.noise.gain_adjusted_stack`) for statistics that do not change when the map is
+        rescaled.
 
     Returns
     -------
