@@ -177,12 +177,12 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
         the plug-in, unsmoothed across rings.
     """
     data = np.asarray(image, dtype=np.float64)
+    if not smoothing > 0:
+        return data.copy()
     model = np.asarray(model, dtype=np.float64)
     if centre is not None and covariance is not None:
         model = model + radial_residual(data - model, standard_error, centre, covariance)
     residual = data - model
-    if not smoothing > 0:
-        return data.copy()
     s2 = np.broadcast_to(np.asarray(standard_error, dtype=np.float64) ** 2, data.shape)
     smooth = gaussian_filter(residual, smoothing, mode="nearest")
     # variance of white noise after the filter: s² · Σ k² (k the sampled kernel)
