@@ -199,6 +199,25 @@ def test_radial_residual_keeps_a_sharp_rim_and_drops_noise_rings():
     assert (noise_only == 0).mean() > 0.9
 
 
+def test_multiscale_profile_keeps_a_rim_and_a_small_wide_background_shift():
+    # a rim of 0.2 inside r = 12 and a background 0.02 below the offset beyond it: 0.1 s.e. per pixel, so a single
+    # 0.5 px ring (~40 pixels, s.e. 0.016) rarely sees the shift, a 16 px ring (~1500 pixels, s.e. 0.0026) does
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 31.5, xx - 31.5)
+    truth = np.where(r <= 12, 0.2, -0.02)
+    rng = np.random.default_rng(16)
+    se = np.full((64, 64), 0.1)
+    noisy = truth + se * rng.standard_normal(truth.shape)
+    multi = radial_residual(noisy, se, (31.5, 31.5), 25.0 * np.eye(2), multiscale=True)
+    outside, inside = (r > 14) & (r < 30), r < 11
+    assert abs(multi[inside].mean() - 0.2) < 0.02 and np.abs(multi[(r > 12.3) & (r < 13)] - 0.2).min() > 0.15
+    assert abs(multi[outside].mean() + 0.02) < 0.006  # 2.3 s.e. of the wide ring
+    assert np.median(np.abs(multi[outside] + 0.02)) < 0.005  # most rings see it (a single ring's s.e. is 0.016)
+    noise_only = radial_residual(se * rng.standard_normal(r.shape), se, (31.5, 31.5), 25.0 * np.eye(2),
+                                 multiscale=True)
+    assert np.abs(noise_only).mean() < 0.01  # a few false rings (more tests than with one width), each small
+
+
 def test_bootstrap_error_maps_give_the_resamples_standard_error():
     rng = np.random.default_rng(15)
     maps = rng.random((12, 6, 6))

@@ -56,7 +56,8 @@ from .noise_shape import (VARIANCE_SMOOTHING, NoiseShape, expected_positive_part
 
 __all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
            "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
-           "RESIDUAL_THRESHOLD", "RING_THRESHOLD", "fit_noise_power", "radial_residual", "RADIAL_BIN_WIDTH"]
+           "RESIDUAL_THRESHOLD", "RING_THRESHOLD", "fit_noise_power", "radial_residual", "RADIAL_BIN_WIDTH",
+           "multiscale_profile"]
 
 RESIDUAL_SMOOTHING = 2.0
 """σ (map pixels) of the Gaussian smoothing the non-radial rest of the fit residual in the plug-in map."""
@@ -121,7 +122,7 @@ def score_from_hellinger_squared(h2: float, *, signed: bool = False) -> float:
 
 
 def radial_residual(residual, standard_error, centre, covariance, *, width: float = RADIAL_BIN_WIDTH,
-                    threshold: float | None = None) -> np.ndarray:
+                    threshold: float | None = None, multiscale: bool = False) -> np.ndarray:
     """The residual's profile along the ellipses of the fitted Gaussian, as a map: the mean of ``residual`` in bins of
     ``width`` px of the whitened radius √(dᵀΣ⁻¹d)·(det Σ)^¼, d the offset from ``centre``.
 
@@ -135,6 +136,11 @@ def radial_residual(residual, standard_error, centre, covariance, *, width: floa
     (independent pixels), and set to 0 otherwise (hard thresholding: a partly shrunk significant ring would leave a
     systematic error at a rim): a ring whose mean is noise contributes nothing, because the bias terms have a cusp
     where the map crosses the offset and even an unbiased but noisy plug-in there under-estimates them.
+
+    ``multiscale=True`` replaces the single ring width by the top-down dyadic profile of :func:`multiscale_profile`
+    (also keeps small level shifts over wide rings). Not the default: on bench/bench_agd_noise.py it removes the
+    over-correction of the stepped profile and of ReLU'd Gaussians but biases Gaussians under white noise lower
+    (more tests, more noise rings kept at the cusp); bench/RESULTS.md, "fourth round".
     """
     threshold = RING_THRESHOLD**2 if threshold is None else threshold
     r = np.asarray(residual, dtype=np.float64)
@@ -148,11 +154,37 @@ def radial_residual(residual, standard_error, centre, covariance, *, width: floa
     inv = np.linalg.inv(cov)
     radius = np.sqrt(np.maximum(inv[0, 0] * dy * dy + 2 * inv[0, 1] * dy * dx + inv[1, 1] * dx * dx, 0.0)) * det**0.25
     bins = (radius / width).astype(np.intp).ravel()
-    count = np.bincount(bins).astype(np.float64)
-    profile = np.divide(np.bincount(bins, r.ravel()), count, out=np.zeros(count.shape), where=count > 0)
-    noise = np.divide(np.bincount(bins, s2.ravel()), count**2, out=np.zeros(count.shape), where=count > 0)
-    profile[profile * profile < threshold * noise] = 0.0
-    return profile[bins].reshape(r.shape)
+    if not multiscale:
+        count = np.bincount(bins).astype(np.float64)
+        profile = np.divide(np.bincount(bins, r.ravel()), count, out=np.zeros(count.shape), where=count > 0)
+        noise = np.divide(np.bincount(bins, s2.ravel()), count**2, out=np.zeros(count.shape), where=count > 0)
+        profile[profile * profile < threshold * noise] = 0.0
+        return profile[bins].reshape(r.shape)
+    return multiscale_profile(bins, r.ravel(), s2.ravel(), threshold)[bins].reshape(r.shape)
+
+
+def multiscale_profile(bins, values, variances, threshold: float) -> np.ndarray:
+    """Top-down dyadic profile: ring means at widths 2^L × the finest, from the coarsest down, each kept where it
+    differs from its parent's value by more than √threshold standard errors, else the parent's value (0 above the
+    coarsest ring).
+
+    Why: a rim or a step needs the finest rings, while a small level shift spread over a wide background (the fitted
+    offset sitting a fraction of the noise above the true background, a ReLU'd tail) is significant only in wide
+    rings, and the bias terms are most sensitive exactly there, where the map crosses the offset.
+    """
+    n_fine = int(bins.max()) + 1
+    levels = max(int(np.ceil(np.log2(n_fine))), 0)
+    value = np.zeros(1)
+    for level in range(levels, -1, -1):
+        b = bins >> level
+        size = (n_fine - 1 >> level) + 1
+        count = np.bincount(b, minlength=size).astype(np.float64)
+        mean = np.divide(np.bincount(b, values, minlength=size), count, out=np.zeros(size), where=count > 0)
+        noise = np.divide(np.bincount(b, variances, minlength=size), count**2, out=np.zeros(size), where=count > 0)
+        parent = value[np.arange(size) >> 1] if level < levels else np.zeros(size)
+        value = np.where((mean - parent) ** 2 >= threshold * noise, mean, parent)
+        value[count == 0] = parent[count == 0]
+    return value
 
 
 def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SMOOTHING,
