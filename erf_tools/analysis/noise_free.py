@@ -171,6 +171,10 @@ def multiscale_profile(bins, values, variances, threshold: float) -> np.ndarray:
     Why: a rim or a step needs the finest rings, while a small level shift spread over a wide background (the fitted
     offset sitting a fraction of the noise above the true background, a ReLU'd tail) is significant only in wide
     rings, and the bias terms are most sensitive exactly there, where the map crosses the offset.
+
+    ``bins`` is each pixel's index among the finest rings, ``values`` and ``variances`` its residual and squared
+    standard error (flattened alike); returns the value of each finest ring. A ring's standard error assumes
+    independent pixels, as in :func:`radial_residual`.
     """
     n_fine = int(bins.max()) + 1
     levels = max(int(np.ceil(np.log2(n_fine))), 0)
