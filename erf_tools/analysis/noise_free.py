@@ -154,13 +154,20 @@ def radial_residual(residual, standard_error, centre, covariance, *, width: floa
     inv = np.linalg.inv(cov)
     radius = np.sqrt(np.maximum(inv[0, 0] * dy * dy + 2 * inv[0, 1] * dy * dx + inv[1, 1] * dx * dx, 0.0)) * det**0.25
     bins = (radius / width).astype(np.intp).ravel()
-    if not multiscale:
-        count = np.bincount(bins).astype(np.float64)
-        profile = np.divide(np.bincount(bins, r.ravel()), count, out=np.zeros(count.shape), where=count > 0)
-        noise = np.divide(np.bincount(bins, s2.ravel()), count**2, out=np.zeros(count.shape), where=count > 0)
+    if multiscale:
+        profile = multiscale_profile(bins, r.ravel(), s2.ravel(), threshold)
+    else:
+        _, profile, noise = _ring_statistics(bins, r.ravel(), s2.ravel(), int(bins.max()) + 1)
         profile[profile * profile < threshold * noise] = 0.0
-        return profile[bins].reshape(r.shape)
-    return multiscale_profile(bins, r.ravel(), s2.ravel(), threshold)[bins].reshape(r.shape)
+    return profile[bins].reshape(r.shape)
+
+
+def _ring_statistics(bins, values, variances, size: int):
+    """(pixel count, mean value, variance of the mean) of each of ``size`` rings, independent pixels."""
+    count = np.bincount(bins, minlength=size).astype(np.float64)
+    mean = np.divide(np.bincount(bins, values, minlength=size), count, out=np.zeros(size), where=count > 0)
+    noise = np.divide(np.bincount(bins, variances, minlength=size), count**2, out=np.zeros(size), where=count > 0)
+    return count, mean, noise
 
 
 def multiscale_profile(bins, values, variances, threshold: float) -> np.ndarray:
@@ -177,15 +184,12 @@ def multiscale_profile(bins, values, variances, threshold: float) -> np.ndarray:
     independent pixels, as in :func:`radial_residual`.
     """
     n_fine = int(bins.max()) + 1
-    levels = max(int(np.ceil(np.log2(n_fine))), 0)
-    value = np.zeros(1)
+    levels = int(np.ceil(np.log2(n_fine)))
+    value = np.zeros(1)  # above the coarsest ring (a single one): 0
     for level in range(levels, -1, -1):
-        b = bins >> level
         size = (n_fine - 1 >> level) + 1
-        count = np.bincount(b, minlength=size).astype(np.float64)
-        mean = np.divide(np.bincount(b, values, minlength=size), count, out=np.zeros(size), where=count > 0)
-        noise = np.divide(np.bincount(b, variances, minlength=size), count**2, out=np.zeros(size), where=count > 0)
-        parent = value[np.arange(size) >> 1] if level < levels else np.zeros(size)
+        count, mean, noise = _ring_statistics(bins >> level, values, variances, size)
+        parent = value[np.arange(size) >> 1]
         value = np.where((mean - parent) ** 2 >= threshold * noise, mean, parent)
         value[count == 0] = parent[count == 0]
     return value
