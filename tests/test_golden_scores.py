@@ -23,6 +23,16 @@ CASES = [
     ("conv2former_n", 64, 4),
     ("parc_convnext_xt", 224, 2),
 ]
+# The random-weight UniConvNet-A amplifies float32 rounding (its DCNv3 offsets feed sampling positions through 16
+# blocks): the module as given differs between machines by up to 0.44 % in map_max, 0.2 % in map_sum, 0.0012 in
+# agd_score and 0.008 px in the centre (measured: map_max 125.88 / 125.32 / 125.49 and map_sum 86982 / 87157 on two
+# AMD EPYC hosts at 1 and 2 threads), far above rtol 1e-4. Its tolerances are about 4× that spread; the other
+# cases agree to 1e-4 everywhere we measured.
+CASE_TOLERANCES = {
+    "uniconvnet_a": {"map_max": 1.3, "map_sum": 870.0, "agd_score": 0.005, "agd_score_raw": 0.001,
+                     "r_squared": 0.002, "beta2": 0.005, "centre_y": 0.03, "centre_x": 0.03, "fit_sigma_major": 0.1,
+                     "fit_sigma_minor": 0.1},
+}
 FIELDS = ["agd_score", "agd_score_raw", "fit_sigma_major", "fit_sigma_minor", "r_squared", "beta2", "r(0.5)", "centre_y", "centre_x",
           "map_sum", "map_max"]
 
@@ -51,4 +61,5 @@ def test_golden_scores(erf_regression, name, size, images):
     # fast=False: the module as given. The exact fast paths (BN folding, re-parameterisation, channels-last) agree with
     # it to float32 rounding, which depends on the CPU's kernels (RepLKNet-13's map_max: 6e-4 apart between an Intel
     # and an AMD machine), too loose for map_sum/map_max; they have their own equality tests.
-    erf_regression.check(model, images=inputs, protocol="replknet", bootstrap=0, fields=FIELDS, fast=False)
+    erf_regression.check(model, images=inputs, protocol="replknet", bootstrap=0, fields=FIELDS, fast=False,
+                         tolerances=CASE_TOLERANCES.get(name))
