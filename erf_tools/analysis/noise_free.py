@@ -57,7 +57,7 @@ from .noise_shape import (VARIANCE_SMOOTHING, NoiseShape, expected_positive_part
 __all__ = ["RESIDUAL_SMOOTHING", "NoiseFreeScore", "noise_free_agd", "noise_free_r_squared", "denoised_map",
            "expected_sqrt_positive", "expected_positive_part", "score_from_hellinger_squared",
            "RESIDUAL_THRESHOLD", "RING_THRESHOLD", "fit_noise_power", "radial_residual", "RADIAL_BIN_WIDTH",
-           "multiscale_profile"]
+           "multiscale_profile", "WORLD_RING_THRESHOLD", "world_map"]
 
 RESIDUAL_SMOOTHING = 2.0
 """σ (map pixels) of the Gaussian smoothing the non-radial rest of the fit residual in the plug-in map."""
@@ -70,6 +70,9 @@ rest of a Gaussian map is mostly noise, which biases the correction low by up to
 RING_THRESHOLD = 2.0
 """A ring's mean residual enters the plug-in map only when it exceeds this many of its standard errors
 (:func:`radial_residual`)."""
+
+WORLD_RING_THRESHOLD = 3.0
+"""Rings of the bootstrap world's noise-free map (:func:`world_map`) are kept from this many standard errors."""
 
 RADIAL_BIN_WIDTH = 0.5
 """Width (px, in the fitted Gaussian's whitened radius scaled to √(σ_major·σ_minor)) of the bins of the residual's
@@ -234,6 +237,21 @@ def denoised_map(image, model, standard_error, *, smoothing: float = RESIDUAL_SM
     power = gaussian_filter(smooth * smooth, 2 * smoothing, mode="nearest")
     shrink = np.clip(1.0 - np.divide(threshold * noise_var, power, out=np.ones_like(power), where=power > 0), 0.0, 1.0)
     return model + shrink * smooth
+
+
+def world_map(image, model, standard_error, centre, covariance) -> np.ndarray:
+    """The noise-free map of the residual bootstrap's world (:func:`~erf_tools.analysis.analyze`): ``model`` plus the
+    residual's ring profile (:func:`radial_residual`), rings kept from :data:`WORLD_RING_THRESHOLD` standard errors.
+
+    Why not the plug-in map of :func:`denoised_map`: the bias terms need a plug-in that errs towards keeping
+    structure (a missed rim costs more than a noise ring), whereas the world's map is the truth the resamples are
+    scored against, and every noise ring or blob kept there makes that truth rougher than the real one (a Gaussian
+    under white noise at 256 images: world H² 0.001–0.003 against a true 10⁻⁶). The stricter rings and no non-radial
+    rest keep it as smooth as the data allow (bench/RESULTS.md, "fifth round").
+    """
+    model = np.asarray(model, dtype=np.float64)
+    return model + radial_residual(np.asarray(image, dtype=np.float64) - model, standard_error, centre, covariance,
+                                   threshold=WORLD_RING_THRESHOLD**2)
 
 
 def noise_free_agd(image, offset: float, gaussian, standard_error, *, model=None,

@@ -30,7 +30,7 @@ from .noise import (NoiseModel, estimate_map_noise, gain_adjusted_stack, gain_ad
 from .noise_shape import VARIANCE_SMOOTHING, noise_shape_from_stack
 from .resample_grid import grid_fit, map_units_factor, resample_grid, usable
 from .noise_free import (NoiseFreeScore, fit_noise_power, noise_free_agd, noise_free_r_squared,
-                         score_from_hellinger_squared)
+                         score_from_hellinger_squared, world_map)
 from .moments import Moments, argmax_position, image_moments
 from .shape import (GAUSSIAN_MARDIA_KURTOSIS, ShapeExponentFit, agd_score, beta_from_kurtosis, fit_shape_exponent,
                     hellinger_to_moment_gaussian, mardia_kurtosis, radial_monotonicity, radial_profile)
@@ -43,6 +43,12 @@ DEFAULT_RESAMPLES = 200
 
 MIN_IMAGES_FOR_NOISE = 8
 """Below this many images the per-pixel variances are too rough for a reliable noise correction (flagged)."""
+
+MIN_IMAGES_FOR_BIAS_BOOTSTRAP = 16
+"""From this many images the residual bootstrap's bias estimate corrects ``agd_score`` (:func:`analyze`). Below,
+resamples of a few images (≈ 5 distinct ones out of 8) have per-pixel standard errors unlike the data's: their H²
+spreads 20× wider than the estimator's own (0.17 against 0.008 for a small Gaussian at 8 images), and the
+correction would add noise and bias (bench/RESULTS.md, "fifth round")."""
 
 HEADLINE = ("agd_score", "sigma_major", "sigma_minor", "r_squared", "beta2")
 CORRECTED = ("agd_score_raw", "r_squared_raw", "hellinger_squared", "hellinger_squared_raw")
@@ -116,6 +122,7 @@ class AGDReport:
     noise: dict[str, Any] = field(default_factory=dict)
     noise_free: NoiseFreeScore | None = None
     noise_fit: WeightedGaussianFit | None = None
+    bias_correction: dict[str, Any] = field(default_factory=lambda: {"applied": False, "reason": "no bootstrap"})
 
     @property
     def ok(self) -> bool:
@@ -142,6 +149,7 @@ class AGDReport:
             "r_squared_raw": self.r_squared_raw, "noise_model": self.noise_model, "noise": self.noise,
             "noise_free": None if self.noise_free is None else self.noise_free.to_dict(),
             "noise_fit": None if self.noise_fit is None else self.noise_fit.to_dict(),
+            "bias_correction": self.bias_correction,
         })
 
     def _repr_html_(self) -> str:
@@ -162,7 +170,8 @@ class AGDReport:
 
         raw = self.agd_score_raw
         lines = [
-            f"AGD score      {fmt('agd_score', self.agd_score)}  (noise-free estimate; raw "
+            f"AGD score      {fmt('agd_score', self.agd_score)}  (noise-free estimate"
+            f"{', bootstrap bias-corrected' if self.bias_correction.get('applied') else ''}; raw "
             f"{'nan' if not np.isfinite(raw) else f'{raw:.3f}'}; noise {self.noise_model or '-'})",
             f"sigma (px)     {fmt('sigma_major', self.spread['sigma_major'], 2)} / "
             f"{fmt('sigma_minor', self.spread['sigma_minor'], 2)}  (fit, major / minor)",
@@ -213,7 +222,12 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
         Size of the network input the map covers (default: the result's ``input_size`` or the map's shape). σ and
         radii are reported in input pixels (map pixels × ``pixel_scale``) and σ also as a fraction of √(H·W).
     bootstrap : int or None
-        Number of bootstrap resamples over images (0 or None: no bootstrap). Needs per-image maps.
+        Number of bootstrap resamples over images (0 or None: no bootstrap). Needs per-image maps. From
+        :data:`MIN_IMAGES_FOR_BIAS_BOOTSTRAP` images the resamples also correct ``agd_score`` for the bias the plug-in
+        correction leaves (the residual bootstrap: each resample's deviation from the all-image mean is added to a
+        smooth world map, :func:`~.noise_free.world_map`, whose own H² is known; the resamples' mean H² minus it is
+        subtracted from the estimate). ``report.bias_correction`` says whether it was applied and by how much;
+        ``report.noise_free.score`` is the plug-in estimate, the ``agd_score`` of ``bootstrap=0``.
     seed : int or None
         Seed for the bootstrap and the convergence curve.
     confidence : float
@@ -240,7 +254,9 @@ def analyze(result_or_map, *, input_size: tuple[int, int] | None = None, bootstr
         value in the bootstrap world (for ``agd_score`` and ``r_squared``, which correct their own noise bias, T is the
         raw score of the all-image mean, whose noise-free score the resamples estimate; for the others the statistic
         on the all-image mean), so that the bias the resamples show is removed from the interval. The AGD interval
-        is formed on the H² scale and mapped to the score. ``"percentile"``: θ̂ + (q − T) (the former intervals).
+        is formed on the H² scale and mapped to the score; with the residual bootstrap's correction it is the basic
+        interval about the world map's H², else the resamples' spread about their median, re-centred.
+        ``"percentile"``: θ̂ + (q − T) (the former intervals).
         A number outside its own interval is flagged ``noise_biased:<name>`` (its residual bias exceeds the
         interval: add images).
     convergence_tolerance : float
@@ -467,6 +483,23 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     """
     grid = resample_grid(data, stack, down, report.fit, bootstrap_side)
     stored, first, factor, added = grid.stored, grid.first, grid.factor, grid.added
+    errors = gain_adjusted_stack(stored)
+    # the H² of a resample is scored in the residual bootstrap's world (its mean map shifted onto the world map),
+    # every other number on the plain resample; below MIN_IMAGES_FOR_BIAS_BOOTSTRAP images there is no world
+    world = (_residual_world(grid, stored, errors, floor=floor, floor_value=floor_value,
+                             bootstrap_side=bootstrap_side, r_squared_threshold=r_squared_threshold)
+             if stored.shape[0] >= MIN_IMAGES_FOR_BIAS_BOOTSTRAP else None)
+
+    def fit_on_grid(m):
+        g, f_floor = grid_fit(m, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
+                              r_squared_threshold=r_squared_threshold)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            return g, f_floor, (g.evaluate(m.shape) if usable(g) else None)
+
+    def hellinger(m, se, g, model):
+        return noise_free_agd(m, g.offset, model - g.offset, se, model=model, noise_shape=noise_shape,
+                              variance_smoothing=VARIANCE_SMOOTHING / first, level_scale=1.0 / first,
+                              centre=g.centre, covariance=g.covariance)
 
     def statistic(mean_block_sums, se_block_sums):
         m = grid.mean_map(mean_block_sums)
@@ -476,18 +509,20 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             return out
         for a in area_ratio(m, thresholds, interpolate=True):
             out[f"r({a.threshold:g})"] = a.ratio if a.ratio is not None else float("nan")
-        g, f_floor = grid_fit(m, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
-                              r_squared_threshold=r_squared_threshold)
-        if usable(g):
-            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-                model = g.evaluate(m.shape)
-            se = grid.mean_map(se_block_sums)
-            nf = noise_free_agd(m, g.offset, model - g.offset, se, model=model, noise_shape=noise_shape,
-                                variance_smoothing=VARIANCE_SMOOTHING / first, level_scale=1.0 / first,
-                                centre=g.centre, covariance=g.covariance)
+        g, f_floor, model = fit_on_grid(m)
+        se = grid.mean_map(se_block_sums)
+        if model is not None:
+            nf = hellinger(m, se, g, model)
             out["agd_score"], out["agd_score_raw"] = nf.score, nf.raw
             out["hellinger_squared"], out["hellinger_squared_raw"] = nf.hellinger_squared, nf.hellinger_squared_raw
             out["r_squared"], out["r_squared_raw"] = noise_free_r_squared(m, model, se)
+        if world is not None:
+            # the world's map plus the resampled images' deviations from their mean (it may dip below 0)
+            shifted = m + world
+            gw, _, model_w = fit_on_grid(shifted)
+            nf = hellinger(shifted, se, gw, model_w) if model_w is not None else None
+            out["hellinger_squared"] = nf.hellinger_squared if nf is not None else float("nan")
+            out["hellinger_squared_raw"] = nf.hellinger_squared_raw if nf is not None else float("nan")
         if g.ok:
             out["sigma_major"] = math.sqrt(max(factor**2 * g.sigma_major**2 - added, 0.0)) * report.pixel_scale
             out["sigma_minor"] = math.sqrt(max(factor**2 * g.sigma_minor**2 - added, 0.0)) * report.pixel_scale
@@ -497,7 +532,7 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
         return out
 
     result = bootstrap_maps(stored, statistic, n_resamples=n_boot, confidence=confidence, seed=seed,
-                            with_standard_error=True, error_maps=gain_adjusted_stack(stored))
+                            with_standard_error=True, error_maps=errors)
     nf = report.noise_free
     full = {"agd_score": report.agd_score, "sigma_major": report.spread["sigma_major"],
             "sigma_minor": report.spread["sigma_minor"], "r_squared": report.r_squared,
@@ -506,8 +541,18 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             "hellinger_squared": nf.hellinger_squared if nf is not None else float("nan")}
     full.update({f"r({a.threshold:g})": (a.ratio if a.ratio is not None else float("nan")) for a in report.area_ratios})
     # the bootstrap world's truth: a noise-corrected statistic of a resample estimates the raw statistic of the
-    # all-image mean (the resamples' mean map); every other statistic estimates itself on that mean
+    # resamples' mean map (for H² from 16 images the world map, else the all-image mean); every other statistic
+    # estimates itself on the all-image mean
     truth_of = {"agd_score": "agd_score_raw", "r_squared": "r_squared_raw", "hellinger_squared": "hellinger_squared_raw"}
+    h2_samples = result.samples.get("hellinger_squared", np.array([]))
+    correction = _bias_correction(h2_samples, result.estimate.get("hellinger_squared_raw", float("nan")),
+                                  full["hellinger_squared"], world is not None, stored.shape[0])
+    if correction["applied"]:
+        full["hellinger_squared"] = correction["hellinger_squared"]
+        full["agd_score"] = report.agd_score = score_from_hellinger_squared(correction["hellinger_squared"],
+                                                                             signed=True)
+        report.shape["agd_score"] = report.agd_score
+    report.bias_correction = correction
     alpha = (1 - confidence) / 2
     intervals = {}
     biased = []
@@ -520,7 +565,11 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             intervals[name] = (float("nan"), float("nan"))
             continue
         q_lo, q_hi = float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
-        if name in truth_of:
+        if name == "hellinger_squared" and correction["applied"]:
+            # the basic interval about the world's truth: θ̂ − (q − T), θ̂ already corrected by mean − T
+            centre = float(np.mean(finite))
+            low, high = full[name] - (q_hi - centre), full[name] - (q_lo - centre)
+        elif name in truth_of:
             # noise-corrected statistics: the resamples' spread about their median, re-centred on the estimate (their
             # bootstrap-world truth, the raw statistic of a noisy map, is one the correction is not calibrated for)
             centre = float(np.median(finite))
@@ -544,6 +593,45 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
     report.confidence_intervals = intervals
     report.options["bootstrap_block"] = factor
     return [f"noise_biased:{name}" for name in biased]
+
+
+def _residual_world(grid, stored, errors, *, floor, floor_value, bootstrap_side, r_squared_threshold):
+    """The shift (world map − all-image mean) of the residual bootstrap's world on the resample grid, or None when the
+    all-image map has no usable fit. Resamples are scored as world map + (resample mean − all-image mean), the world
+    map being the all-image map's fit plus its significant ring profile (:func:`~.noise_free.world_map`)."""
+    mean = grid.mean_map(stored.mean(axis=0))
+    n = stored.shape[0]
+    if n < 2:
+        return None
+    standard_error = grid.mean_map(np.sqrt(errors.var(axis=0, ddof=1) / n))
+    fit, _ = grid_fit(mean, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
+                      r_squared_threshold=r_squared_threshold)
+    if not usable(fit):
+        return None
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        model = fit.evaluate(mean.shape)
+    return world_map(mean, model, standard_error, fit.centre, fit.covariance) - mean
+
+
+def _bias_correction(h2_samples, h2_world, h2_estimate, has_world: bool, num_images: int) -> dict[str, Any]:
+    """The residual bootstrap's bias correction of the noise-free H² (see :func:`analyze`): the resamples' mean H²
+    minus the world's own H², subtracted from the estimate when there are enough images and finite resamples."""
+    finite = np.asarray(h2_samples, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    info: dict[str, Any] = {"applied": False, "method": "residual bootstrap about the world map",
+                            "min_images": MIN_IMAGES_FOR_BIAS_BOOTSTRAP, "num_images": int(num_images),
+                            "hellinger_squared_plug_in": float(h2_estimate),
+                            "hellinger_squared_world": float(h2_world) if has_world else float("nan")}
+    if num_images < MIN_IMAGES_FOR_BIAS_BOOTSTRAP:
+        return {**info, "reason": f"fewer than {MIN_IMAGES_FOR_BIAS_BOOTSTRAP} images"}
+    if not has_world:
+        return {**info, "reason": "no usable fit of the all-image map on the resample grid"}
+    if finite.size < max(2, h2_samples.size / 2) or not (np.isfinite(h2_world) and np.isfinite(h2_estimate)):
+        return {**info, "reason": "too few finite resamples"}
+    bias = float(finite.mean()) - float(h2_world)
+    return {**info, "applied": True, "reason": "", "hellinger_squared_bias": bias,
+            "hellinger_squared_bias_se": float(finite.std(ddof=1) / np.sqrt(finite.size)),
+            "hellinger_squared": float(h2_estimate) - bias}
 
 
 def _matching_stack(data, checked, down: int) -> np.ndarray | None:
