@@ -44,11 +44,13 @@ DEFAULT_RESAMPLES = 200
 MIN_IMAGES_FOR_NOISE = 8
 """Below this many images the per-pixel variances are too rough for a reliable noise correction (flagged)."""
 
-MIN_IMAGES_FOR_BIAS_BOOTSTRAP = 16
+MIN_IMAGES_FOR_BIAS_BOOTSTRAP = 32
 """From this many images the residual bootstrap's bias estimate corrects ``agd_score`` (:func:`analyze`). Below,
-resamples of a few images (≈ 5 distinct ones out of 8) have per-pixel standard errors unlike the data's: their H²
-spreads 20× wider than the estimator's own (0.17 against 0.008 for a small Gaussian at 8 images), and the
-correction would add noise and bias (bench/RESULTS.md, "fifth round")."""
+resamples of a few images (≈ 5 distinct ones out of 8, 10 out of 16) have per-pixel standard errors unlike the
+data's: their H² spreads 20× wider than the estimator's own at 8 images (0.17 against 0.008 for a small Gaussian),
+and at 16 the correction still over-states the bias: on the trained EfficientNet-Lite1, 16 disjoint 16-image sets
+score 0.845 ± 0.007 corrected and 0.895 ± 0.008 without, against 0.896 from all 256; at 32 images 0.888 ± 0.004
+against 0.908 ± 0.005 (bench/RESULTS.md, "fifth round")."""
 
 HEADLINE = ("agd_score", "sigma_major", "sigma_minor", "r_squared", "beta2")
 CORRECTED = ("agd_score_raw", "r_squared_raw", "hellinger_squared", "hellinger_squared_raw")
@@ -541,7 +543,7 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
             "hellinger_squared": nf.hellinger_squared if nf is not None else float("nan")}
     full.update({f"r({a.threshold:g})": (a.ratio if a.ratio is not None else float("nan")) for a in report.area_ratios})
     # the bootstrap world's truth: a noise-corrected statistic of a resample estimates the raw statistic of the
-    # resamples' mean map (for H² from 16 images the world map, else the all-image mean); every other statistic
+    # resamples' mean map (for H² from 32 images the world map, else the all-image mean); every other statistic
     # estimates itself on the all-image mean
     truth_of = {"agd_score": "agd_score_raw", "r_squared": "r_squared_raw", "hellinger_squared": "hellinger_squared_raw"}
     h2_samples = result.samples.get("hellinger_squared", np.array([]))
