@@ -493,10 +493,8 @@ def _bootstrap(report, data, stack, down, n_boot, confidence, seed, floor, floor
              if stored.shape[0] >= MIN_IMAGES_FOR_BIAS_BOOTSTRAP else None)
 
     def fit_on_grid(m):
-        g, f_floor = grid_fit(m, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
-                              r_squared_threshold=r_squared_threshold)
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            return g, f_floor, (g.evaluate(m.shape) if usable(g) else None)
+        return _grid_fit_and_model(m, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
+                                   r_squared_threshold=r_squared_threshold)
 
     def hellinger(m, se, g, model):
         return noise_free_agd(m, g.offset, model - g.offset, se, model=model, noise_shape=noise_shape,
@@ -606,13 +604,18 @@ def _residual_world(grid, stored, errors, *, floor, floor_value, bootstrap_side,
     if n < 2:
         return None
     standard_error = grid.mean_map(np.sqrt(errors.var(axis=0, ddof=1) / n))
-    fit, _ = grid_fit(mean, grid, floor=floor, floor_value=floor_value, bootstrap_side=bootstrap_side,
-                      r_squared_threshold=r_squared_threshold)
-    if not usable(fit):
+    fit, _, model = _grid_fit_and_model(mean, grid, floor=floor, floor_value=floor_value,
+                                        bootstrap_side=bootstrap_side, r_squared_threshold=r_squared_threshold)
+    if model is None:
         return None
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        model = fit.evaluate(mean.shape)
     return world_map(mean, model, standard_error, fit.centre, fit.covariance) - mean
+
+
+def _grid_fit_and_model(m, grid, **fit_options):
+    """(fit, floor, fitted model map or None when the fit is not usable) of a map on the resample grid."""
+    g, f_floor = grid_fit(m, grid, **fit_options)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        return g, f_floor, (g.evaluate(m.shape) if usable(g) else None)
 
 
 def _bias_correction(h2_samples, h2_world, h2_estimate, has_world: bool, num_images: int) -> dict[str, Any]:
