@@ -94,8 +94,11 @@ def erf_row(figure, erfs, summary: dict | None = None) -> None:
                                  angle=np.degrees(fit.theta), fill=False, edgecolor="white",
                                  linestyle="-" if fit.ok else "--", linewidth=0.8))
         sigma = np.sqrt(fit.sigma_major * fit.sigma_minor)
+        # the summary's score (with its bootstrap's bias correction) where there is one, else the plug-in estimate
+        scored = (summary or {}).get("sources", {}).get(name, {})
+        agd = scored.get("agd_score", report.agd_score)
         ax.set_title(f"ERF from {name}\n{result.num_independent_images} independent images\n"
-                     f"σ {fit.sigma_major:.1f}×{fit.sigma_minor:.1f} px (√ {sigma:.1f})\nAGD {report.agd_score:.3f}"
+                     f"σ {fit.sigma_major:.1f}×{fit.sigma_minor:.1f} px (√ {sigma:.1f})\nAGD {agd:.3f}"
                      + ("" if fit.ok else " (fit flagged)"), fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -118,8 +121,12 @@ def erf_row(figure, erfs, summary: dict | None = None) -> None:
                  f"σ ratio synthetic/photos {a['sigma_ratio']:.3f}",
                  f"AGD synthetic {s['agd_score']:.3f} [{s['agd_interval'][0]:.2f}, {s['agd_interval'][1]:.2f}]",
                  f"AGD photos {p['agd_score']:.3f} [{p['agd_interval'][0]:.2f}, {p['agd_interval'][1]:.2f}]",
-                 f"mean z² {a['mean_z2']:.2f} (split null {a['null_mean_z2']:.2f}, "
-                 f"95 % {a['null_q95_z2']:.2f}; Gaussian {a['expected_z2_gaussian']:.2f})"]
+                 f"mean z² {a['mean_z2']:.3f} (null {a['null_sizes'][0]} vs {a['null_sizes'][1]}: "
+                 f"{a['null_mean_z2']:.3f}, 95 % {a['null_q95_z2']:.3f})"]
+        if "blocks" in a:
+            b = a["blocks"]
+            lines.append(f"{b['block']}×{b['block']} blocks: {b['mean_z2']:.3f} (null {b['null_mean_z2']:.3f}, "
+                         f"95 % {b['null_q95_z2']:.3f})")
         for key, value in a.get("central_mass", {}).items():
             lines.append(f"mass<{key}: {value['first'][0]:.4f}±{value['first'][1]:.4f} vs "
                          f"{value['second'][0]:.4f}±{value['second'][1]:.4f} ({value['z']:+.1f} SE)")

@@ -5,18 +5,21 @@
 
 Measures the ERF with each source (default ``synthetic`` and ``sample``), scores both (:func:`erf_tools.analyze`,
 bootstrap intervals over images) and draws them on one colour scale with their fitted Gaussians. The agreement
-statistic uses each result's per-pixel standard error (``ERFResult.map_standard_error``, which divides the per-image
+statistic uses each map's per-pixel standard error (from the per-image maps where they are kept at full resolution,
+by the delta method for a map normalised to sum 1; else ``ERFResult.map_standard_error``, which divides the per-image
 variance by the number of *independent* images): both maps are normalised to sum 1 (the sources differ in contrast,
 so gradient magnitudes are compared as shapes), then per pixel
 
     z² = (a - b)² / (se_a² + se_b²)
 
-``mean_z2`` is its mean over pixels. Its expected value when the maps agree is not 1: the standard errors come from
-few images (12 photographs) of heavy-tailed per-image gradients. Two references are reported: ``expected_z2_gaussian``
-(ν/(ν-2) per pixel, Welch–Satterthwaite ν, Gaussian per-image values) and ``null_mean_z2`` / ``null_q95_z2``, the same
-statistic between random disjoint splits of the larger source (as many images on one side as the smaller source has,
-the rest on the other): agreement by construction with the real per-image distribution. Neighbouring pixels are
-correlated, so read the mean against the split null, not as a χ² test. ``sigma_ratio`` is the ratio of the fitted σ
+``mean_z2`` is its mean over pixels, between the smaller source's m images and the first n − m of the larger
+source's n. Its expected value when the maps agree is not 1: the standard errors come from few images (12
+photographs) of heavy-tailed per-image gradients. Two references are reported: ``expected_z2_gaussian`` (ν/(ν-2) per
+pixel, Welch–Satterthwaite ν, Gaussian per-image values) and ``null_mean_z2`` / ``null_q95_z2``, the same statistic
+between random disjoint subsets of m and n − m images of the larger source: agreement by construction with the real
+per-image distribution and the statistic's own image counts (z² grows with the larger side's count). ``blocks``: the
+same on 8×8-pixel block sums, the test with power against smooth changes of shape. Neighbouring pixels are
+correlated, so read the mean against the null, not as a χ² test. ``sigma_ratio`` is the ratio of the fitted σ
 (geometric mean of major and minor axes), ``agd_within`` whether each AGD score lies inside the other source's
 interval.
 """
