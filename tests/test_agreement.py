@@ -75,7 +75,7 @@ def _rejections(rng, repetitions: int, sigma_second: float) -> dict[str, int]:
         agreement = map_agreement(first, second, null_repeats=20)
         counts["pixels"] += agreement["mean_z2"] > agreement["null_q95_z2"]
         counts["blocks"] += agreement["blocks"]["mean_z2"] > agreement["blocks"]["null_q95_z2"]
-        counts["missized"] += agreement["mean_z2_all"] > np.quantile(split_null(first, 12, repeats=20), 0.95)
+        counts["missized"] += agreement["mean_z2_raw"] > np.quantile(split_null(first, 12, repeats=20), 0.95)
     return counts
 
 

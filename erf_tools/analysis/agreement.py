@@ -2,7 +2,8 @@
 
 Used to compare image sources (issue 17: synthetic dead-leaves images against photographs,
 ``figures/synthetic_vs_photos.py``). Both maps are normalised to sum 1 (sources differ in contrast, so the shapes are
-compared), their standard errors with them; per pixel ``z² = (a - b)² / (se_a² + se_b²)``, averaged over pixels.
+compared), their standard errors with them (by the delta method where per-image maps are kept, see
+:func:`_subset_shape`); per pixel ``z² = (a - b)² / (se_a² + se_b²)``, averaged over pixels.
 
 When the maps agree, the mean z² is *not* 1: the standard errors come from few images of heavy-tailed, skewed
 per-image gradients (about half of a Kim-protocol per-image map is clamped to 0), and a small-sample error is
@@ -152,11 +153,12 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
     """Per-pixel agreement of two ERFResults' shapes from their per-pixel standard errors (module docstring).
 
     Keys: ``mean_z2`` (the statistic; when a null can be drawn, between the smaller source's m images and the first
-    ``reference_images`` = n − m of the larger one's n), ``mean_z2_all`` (between all images of both: not comparable
-    with the null, whose counts it does not have), ``expected_z2_gaussian`` (at the counts of ``mean_z2``),
+    ``reference_images`` = n − m of the larger one's n, errors by the delta method where the smaller source has
+    per-image maps), ``mean_z2_raw`` (the statistic before: all images of both, errors from ``map_standard_error``;
+    not comparable with the null, whose counts it does not have), ``expected_z2_gaussian`` (at the counts of ``mean_z2``),
     ``null_mean_z2`` / ``null_q95_z2`` / ``null_max_z2`` (:func:`split_null` of the larger source, m against n − m,
     ``null_repeats`` splits; absent when neither has full-resolution per-image maps of independent images, and then
-    ``mean_z2`` is ``mean_z2_all``), and ``central_mass``: for radii of 1/24, 1/10 and 1/5 of the map side, each map's
+    ``mean_z2`` is ``mean_z2_raw``), and ``central_mass``: for radii of 1/24, 1/10 and 1/5 of the map side, each map's
     mass fraction within the radius with its standard error and the difference in units of the combined error (where
     in the map a disagreement sits).
 
@@ -171,10 +173,10 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
     mean_b, se_b, n_b = _shape_and_error(second)
     if mean_a.shape != mean_b.shape:
         raise ValueError(f"maps differ in shape: {mean_a.shape} vs {mean_b.shape}")
-    z2_all = z_squared(mean_a, se_a, mean_b, se_b)
-    out: dict[str, Any] = {"mean_z2_all": float(z2_all.mean()), "pixels": int(z2_all.size),
+    z2_raw = z_squared(mean_a, se_a, mean_b, se_b)
+    out: dict[str, Any] = {"mean_z2_raw": float(z2_raw.mean()), "pixels": int(z2_raw.size),
                            "n_first": n_a, "n_second": n_b}
-    z2, expected = z2_all, welch_expected_z2(se_a, n_a, se_b, n_b)
+    z2, expected = z2_raw, welch_expected_z2(se_a, n_a, se_b, n_b)
     n_small = min(n_a, n_b)
     null_result = _null_source(first, second, n_small)
     if null_result is not None:
@@ -184,7 +186,8 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
         else:
             mean_s, se_s = (mean_b, se_b) if null_result is first else (mean_a, se_a)  # the smaller source
         n_reference = int(null_result.num_images) - n_small
-        mean_r, se_r = _subset_shape(np.asarray(null_result.per_image_maps, dtype=np.float64)[:n_reference])
+        reference_maps = _independent_full_maps(null_result)[:n_reference]
+        mean_r, se_r = _subset_shape(reference_maps)
         z2 = z_squared(mean_s, se_s, mean_r, se_r)
         expected = welch_expected_z2(se_s, n_small, se_r, n_reference)
         null = split_null(null_result, n_small, repeats=null_repeats, n_large=n_reference)
@@ -192,7 +195,7 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
                     "null_sizes": [n_small, n_reference], **_null_summary(null)})
         if block > 1 and small_maps is not None:
             small = _subset_shape(block_sums(small_maps, block))
-            reference = _subset_shape(block_sums(_independent_full_maps(null_result)[:n_reference], block))
+            reference = _subset_shape(block_sums(reference_maps, block))
             z2_blocks = z_squared(*small, *reference)
             out["blocks"] = {"block": block, "cells": int(z2_blocks.size), "mean_z2": float(z2_blocks.mean()),
                              "expected_z2_gaussian": welch_expected_z2(small[1], n_small, reference[1], n_reference),
