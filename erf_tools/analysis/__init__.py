@@ -13,7 +13,8 @@ One module per concern (functions first, the report is built from them):
 * :mod:`.noise_shape` — the shape of a pixel's noise at N images (pooled per-image residuals, or normal);
 * :mod:`.noise_free` — noise-free AGD score and R² (bias correction with per-pixel expectations under that shape);
 * :mod:`.uncertainty` — bootstrap over images, convergence curve;
-* :mod:`.agreement` — do two maps of one model agree within their per-pixel noise (z², split null);
+* :mod:`.agreement` — do two maps of one model agree within their noise (per-pixel and 8×8-block z², a null at the
+  statistic's own image counts);
 * :mod:`.report` — :class:`AGDReport` and :func:`analyze`.
 
 Nothing here imports torch or the models.
