@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from erf_tools.analysis.agreement import map_agreement, split_null, welch_expected_z2, z_squared
+from erf_tools.analysis.agreement import block_sums, map_agreement, split_null, welch_expected_z2, z_squared
 
 
 def _result(maps: np.ndarray, kind: str = "synthetic") -> SimpleNamespace:
@@ -94,3 +94,22 @@ def test_the_block_test_sees_a_ten_percent_wider_shape():
     per-pixel one less often than under agreement (0 of 30): its z² is dominated by the few images' noisy errors."""
     counts = _rejections(np.random.default_rng(1), 30, 11.0)
     assert counts["blocks"] >= 27
+
+
+def test_block_sums_pad_the_edges_and_keep_the_total():
+    maps = np.arange(2 * 10 * 10, dtype=np.float64).reshape(2, 10, 10)
+    blocks = block_sums(maps, 4)
+    assert blocks.shape == (2, 3, 3) and np.allclose(blocks.sum(axis=(1, 2)), maps.sum(axis=(1, 2)))
+    assert blocks[0, 0, 0] == maps[0, :4, :4].sum() and blocks[0, 2, 2] == maps[0, 8:, 8:].sum()
+    assert block_sums(maps, 1) is maps
+    with pytest.raises(ValueError, match="positive"):
+        block_sums(maps, 0)
+
+
+def test_without_per_image_maps_there_is_no_null_and_mean_z2_is_the_raw_statistic():
+    rng = np.random.default_rng(2)
+    first, second = _result(_maps(rng, 48)), _result(_maps(rng, 12), "sample")
+    first.per_image_maps = second.per_image_maps = None
+    agreement = map_agreement(first, second)
+    assert "null_mean_z2" not in agreement and "blocks" not in agreement
+    assert agreement["mean_z2"] == agreement["mean_z2_raw"]
