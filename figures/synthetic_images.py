@@ -121,8 +121,9 @@ def erf_row(figure, erfs, summary: dict | None = None) -> None:
                  f"σ ratio synthetic/photos {a['sigma_ratio']:.3f}",
                  f"AGD synthetic {s['agd_score']:.3f} [{s['agd_interval'][0]:.2f}, {s['agd_interval'][1]:.2f}]",
                  f"AGD photos {p['agd_score']:.3f} [{p['agd_interval'][0]:.2f}, {p['agd_interval'][1]:.2f}]",
-                 f"mean z² {a['mean_z2']:.3f} (null {a['null_sizes'][0]} vs {a['null_sizes'][1]}: "
-                 f"{a['null_mean_z2']:.3f}, 95 % {a['null_q95_z2']:.3f})"]
+                 f"mean z² {a['mean_z2']:.3f}" + (f" (null {a['null_sizes'][0]} vs {a['null_sizes'][1]}: "
+                                                  f"{a['null_mean_z2']:.3f}, 95 % {a['null_q95_z2']:.3f})"
+                                                  if "null_sizes" in a else " (no null: no per-image maps)")]
         if "blocks" in a:
             b = a["blocks"]
             lines.append(f"{b['block']}×{b['block']} blocks: {b['mean_z2']:.3f} (null {b['null_mean_z2']:.3f}, "
