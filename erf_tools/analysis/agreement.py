@@ -59,18 +59,16 @@ def split_null(result, n_small: int, repeats: int = 20, seed: int = 0, n_large: 
     heavy-tailed per-image maps and the same two image counts as the comparison it is the null of; ``block`` > 1:
     of the maps summed over block×block pixels (:func:`block_sums`). Needs full-resolution per-image maps
     (``per_image_resolution`` ≥ the input size) and independent images."""
-    if getattr(result, "per_image_maps", None) is None:
-        raise ValueError("split_null needs per-image maps (keep_per_image=True)")
-    independent = getattr(result, "num_independent_images", None)
-    if independent is not None and independent < result.num_images:
-        raise ValueError(f"split_null needs independent images ({independent} independent of {result.num_images}): "
-                         "crops of one photograph on both sides of a split would agree too well")
-    maps = np.asarray(result.per_image_maps, dtype=np.float64)
-    if maps.ndim != 3 or maps.shape[1:] != np.asarray(result.map).shape:
-        raise ValueError("split_null needs full-resolution per-image maps (per_image_resolution >= input size)")
-    maps = block_sums(maps, block)
+    problem = _per_image_problem(result)
+    if problem is not None:
+        raise ValueError(f"split_null needs {problem}")
+    maps = block_sums(np.asarray(result.per_image_maps, dtype=np.float64), block)
+    return _split_null(maps, n_small, maps.shape[0] - n_small if n_large is None else n_large, repeats, seed)
+
+
+def _split_null(maps: np.ndarray, n_small: int, n_large: int, repeats: int, seed: int) -> np.ndarray:
+    """:func:`split_null` on per-image maps already checked (and block-summed)."""
     n = maps.shape[0]
-    n_large = n - n_small if n_large is None else n_large
     if not (n_small >= 2 and n_large >= 2 and n_small + n_large <= n):
         raise ValueError(f"cannot split {n} images into {n_small} and {n_large}")
     rng = np.random.default_rng(seed)
@@ -80,6 +78,20 @@ def split_null(result, n_small: int, repeats: int = 20, seed: int = 0, n_large: 
         small, large = _subset_shape(maps[order[:n_small]]), _subset_shape(maps[order[n_small:n_small + n_large]])
         values.append(z_squared(*small, *large).mean())
     return np.asarray(values)
+
+
+def _per_image_problem(result) -> str | None:
+    """Why the result's per-image maps cannot serve a split of independent full-resolution maps, or None."""
+    maps = getattr(result, "per_image_maps", None)
+    if maps is None:
+        return "per-image maps (keep_per_image=True)"
+    independent = getattr(result, "num_independent_images", None)
+    if independent is not None and independent < result.num_images:
+        return (f"independent images ({independent} independent of {result.num_images}): crops of one photograph "
+                "on both sides of a split would agree too well")
+    if np.ndim(maps) != 3 or np.shape(maps)[1:] != np.shape(result.map):
+        return "full-resolution per-image maps (per_image_resolution >= input size)"
+    return None
 
 
 def block_sums(maps: np.ndarray, block: int) -> np.ndarray:
@@ -115,20 +127,18 @@ def _null_summary(null: np.ndarray) -> dict[str, float]:
 
 def _independent_full_maps(result) -> np.ndarray | None:
     """The result's per-image maps (float64) if they are at full resolution and of independent images, else None."""
-    maps = getattr(result, "per_image_maps", None)
-    independent = getattr(result, "num_independent_images", None)
-    if maps is None or (independent is not None and independent < result.num_images):
+    if _per_image_problem(result) is not None:
         return None
-    maps = np.asarray(maps, dtype=np.float64)
-    return maps if maps.ndim == 3 and maps.shape[1:] == np.asarray(result.map).shape else None
+    return np.asarray(result.per_image_maps, dtype=np.float64)
 
 
-def _null_source(first, second, n_small: int):
-    """The result whose per-image maps can give the null (more images, full resolution, independent), or None."""
+def _null_source(first, second, n_small: int) -> tuple[Any, np.ndarray] | None:
+    """(result, its per-image maps) of the source that can give the null (more images, full resolution,
+    independent), or None."""
     for result in sorted((first, second), key=lambda r: -r.num_images):
         maps = _independent_full_maps(result)
         if maps is not None and len(maps) - n_small >= 2:
-            return result
+            return result, maps
     return None
 
 
@@ -178,19 +188,20 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
                            "n_first": n_a, "n_second": n_b}
     z2, expected = z2_raw, welch_expected_z2(se_a, n_a, se_b, n_b)
     n_small = min(n_a, n_b)
-    null_result = _null_source(first, second, n_small)
-    if null_result is not None:
+    null_source = _null_source(first, second, n_small)
+    if null_source is not None:
+        null_result, null_maps = null_source
         small_maps = _independent_full_maps(second if null_result is first else first)
         if small_maps is not None:  # the same (delta-method) errors as the null's
             mean_s, se_s = _subset_shape(small_maps)
         else:
             mean_s, se_s = (mean_b, se_b) if null_result is first else (mean_a, se_a)  # the smaller source
         n_reference = int(null_result.num_images) - n_small
-        reference_maps = _independent_full_maps(null_result)[:n_reference]
+        reference_maps = null_maps[:n_reference]
         mean_r, se_r = _subset_shape(reference_maps)
         z2 = z_squared(mean_s, se_s, mean_r, se_r)
         expected = welch_expected_z2(se_s, n_small, se_r, n_reference)
-        null = split_null(null_result, n_small, repeats=null_repeats, n_large=n_reference)
+        null = _split_null(null_maps, n_small, n_reference, null_repeats, seed=0)
         out.update({"reference_images": n_reference, "null_source": null_result.image_source.get("kind", "?"),
                     "null_sizes": [n_small, n_reference], **_null_summary(null)})
         if block > 1 and small_maps is not None:
@@ -199,8 +210,8 @@ def map_agreement(first, second, null_repeats: int = 20, block: int = 8) -> dict
             z2_blocks = z_squared(*small, *reference)
             out["blocks"] = {"block": block, "cells": int(z2_blocks.size), "mean_z2": float(z2_blocks.mean()),
                              "expected_z2_gaussian": welch_expected_z2(small[1], n_small, reference[1], n_reference),
-                             **_null_summary(split_null(null_result, n_small, repeats=null_repeats,
-                                                        n_large=n_reference, block=block))}
+                             **_null_summary(_split_null(block_sums(null_maps, block), n_small, n_reference,
+                                                         null_repeats, seed=0))}
     out.update({"mean_z2": float(z2.mean()), "median_z2": float(np.median(z2)), "expected_z2_gaussian": expected,
                 "max_abs_z": float(np.sqrt(z2.max())), "fraction_abs_z_above_2": float((z2 > 4).mean())})
     side = min(mean_a.shape)
