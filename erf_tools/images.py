@@ -18,6 +18,7 @@ and flips of one photograph), so intervals over images must count :meth:`ImageSo
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -90,14 +91,35 @@ class Preprocessing:
             scaled = [int(s / self.crop_pct) for s in self.size]
             image = TF.resize(image, min(scaled) if self.size[0] == self.size[1] else scaled, interpolation=mode)
             image = TF.center_crop(image, list(self.size))
-        tensor = TF.to_tensor(image)
-        return TF.normalize(tensor, list(self.mean), list(self.std))
+        return normalised_tensor(image, self.mean, self.std)
 
     def native_size(self) -> tuple[int, int]:
         """The (height, width) of an image that this preprocessing maps onto the input without resampling."""
         if self.resize == "warp":
             return tuple(self.size)
         return tuple(int(s / self.crop_pct) for s in self.size)
+
+
+def normalised_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """An RGB image as a float32 3×H×W tensor (value / 255 − mean) / std, in one buffer.
+
+    The same operations as torchvision's ``to_tensor`` then ``normalize``, so the same numbers bit for bit; those
+    allocate four full-size tensors, and at 1024² (12 MB each) the page faults of fresh buffers cost about as much
+    as the arithmetic, more so with several loader threads."""
+    array = np.asarray(image, dtype=np.uint8)
+    with warnings.catch_warnings():  # PIL's array is read-only; it is only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        pixels = torch.from_numpy(array)
+    if pixels.dim() != 3 or pixels.shape[2] != len(mean) or len(std) != len(mean):
+        raise ValueError(f"expected an H×W×{len(mean)} image, got shape {tuple(pixels.shape)}")
+    out = torch.empty((pixels.shape[2], pixels.shape[0], pixels.shape[1]), dtype=torch.float32)
+    out.copy_(pixels.permute(2, 0, 1))
+    out.div_(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+    if not torch.all(std_t != 0):
+        raise ValueError(f"std must not contain zeros, got {tuple(std)}")
+    return out.sub_(mean_t).div_(std_t)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -318,7 +340,13 @@ def iter_inputs(
         # Every index is an image (nothing to skip), so a resumed or sharded stream starts at ``start`` directly.
         native_size = getattr(preprocess, "native_size", None)
         size = native_size() if native_size is not None else None
+        # A deferring preprocessing (the engine's lazy one) also defers the generation, so that it can run on loader
+        # threads with the resize: nothing about a synthetic image depends on what came before it.
+        defer = getattr(preprocess, "defer", None)
         for index in range(start, min(wanted, len(source.ids))):
+            if defer is not None:
+                yield source.ids[index], defer(functools.partial(source.load, index, size))
+                continue
             image = source.load(index, size)
             yield source.ids[index], (preprocess(image) if preprocess is not None
                                       else torch.from_numpy(np.asarray(image)))

@@ -7,7 +7,7 @@
 * :mod:`.partial` — checkpoints of a running measurement, resume;
 * :mod:`.fastpaths` — exact transformations of a private model copy (layout, BN folding, FFT, re-parameterisation);
 * :mod:`.windows` — input windows for early targets;
-* :mod:`.scheduling` — batches, prefetching, worker threads, lazy per-shard input streams;
+* :mod:`.scheduling` — batches, loader threads, prefetching, worker threads, lazy per-shard input streams;
 * :mod:`.memory` — peak-memory replay on the meta device and the largest batch that fits (``batch_size="max"``);
 * :mod:`.batch_tuning` — ``batch_size="auto"``: the batch size chosen by measured throughput within that;
 * :mod:`.distributed` — images sharded over processes, accumulators all-reduced exactly.

@@ -14,7 +14,7 @@ A bf16 forward is a slightly different network: the rounded weights and activati
 points, and the ERF, a derivative, follows them. The backward pass, given the forward, is linear in the gradient,
 and bf16 rounding there (8 bits per product, float32 accumulation) averages out over the map. So this policy runs
 the forward exactly as fp32 does and moves only the backward's matrix products to bf16: Pearson 0.99999 (max
-\|Δ\|/max 2e-3) on that case, and ≥ 0.9998 on probe weights of every family and on the trained
+|Δ|/max 2e-3) on that case, and ≥ 0.9998 on probe weights of every family and on the trained
 EfficientNet-Lite1, where the stride ≤ 8 autocast rule gave 0.097 (UniRepLKNet) to 0.9988. The gain is at most
 the backward's share of the time: it is the whole gain where the backward's convolutions dominate (ResNets);
 families whose forward dominates on a CPU (large-kernel depthwise convolutions, MLP blocks) gain little or nothing.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import platform
 import time
 import warnings
@@ -75,6 +76,7 @@ class MeasureConfig:
     fft_depthwise: int | None = None
     memory_budget: int | None = None
     prefetch: bool | None = None
+    loader_threads: int | None = None
     workers: int = 1
     fast: bool = True
     batched_vjp: bool = False
@@ -106,6 +108,8 @@ class MeasureConfig:
             raise ValueError(f"num_images must be a number of images or 'auto', got {self.num_images!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.loader_threads is not None and (not isinstance(self.loader_threads, int) or self.loader_threads < 1):
+            raise ValueError(f"loader_threads must be a positive integer, got {self.loader_threads!r}")
         rank, world = self.shard
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
             raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {self.shard!r}")
@@ -173,6 +177,7 @@ def measure_erf(
     fft_depthwise: int | None = None,
     memory_budget: int | None = None,
     prefetch: bool | None = None,
+    loader_threads: int | None = None,
     workers: int = 1,
     fast: bool = True,
     batched_vjp: bool = False,
@@ -225,6 +230,9 @@ def measure_erf(
         :mod:`erf_tools.engine.distributed`).
     prefetch: prepare the next batches in a background thread (default: on for accelerators, off on CPU where
         the compute threads already use every core).
+    loader_threads: threads that generate, decode-to-size and normalise the images of the next batches, taken in
+        image order (the batches are those of one thread); default: 1 on CPU, ``min(8, os.cpu_count())`` on
+        accelerators, where one core preparing 1024² inputs is slower than the device.
     workers: batches computed concurrently by this many threads, each with its own copy of the model and an equal
         share of the intra-op threads (CPU). For models whose operators use one core whatever the thread count
         (``grid_sample``-based deformable convolutions: UniConvNet), ``workers=os.cpu_count()`` runs one image per
@@ -237,7 +245,8 @@ def measure_erf(
         weights=weights, seed=seed, precision=precision, channels_last=channels_last, keep_per_image=keep_per_image,
         per_image_resolution=per_image_resolution, partial_path=partial_path, checkpoint_every=checkpoint_every,
         resume=resume, shard=shard, reparameterize=reparameterize, fold_bn=fold_bn, fft_depthwise=fft_depthwise,
-        memory_budget=memory_budget, prefetch=prefetch, workers=workers, fast=fast, batched_vjp=batched_vjp,
+        memory_budget=memory_budget, prefetch=prefetch, loader_threads=loader_threads, workers=workers, fast=fast,
+        batched_vjp=batched_vjp,
         until_half_width=until_half_width, max_images=max_images, options=options)
     return measure_with_config(model, images, config, progress)
 
@@ -366,7 +375,10 @@ def run_measurement(model: nn.Module | str, images: Any, config: MeasureConfig,
     engines = [ERFEngine(work if i == 0 else copy.deepcopy(work), resolved, opts, device, precision, channels_last,
                          batched_vjp=config.batched_vjp) for i in range(workers)]
     prefetch = config.prefetch if config.prefetch is not None else device.type != "cpu"
-    batched = batches(stream, tuner.next_size if tuner is not None else sizing)
+    loader_threads = config.loader_threads or (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    if loader_threads > 1:
+        engine_info["loader_threads"] = loader_threads
+    batched = batches(stream, tuner.next_size if tuner is not None else sizing, loader_threads=loader_threads)
     prefetcher = Prefetcher(batched, pin_memory=device.type == "cuda") if prefetch else None
     started = time.perf_counter()
     last_saved = done

@@ -1,4 +1,5 @@
-"""Feeding the engine: batches, a background prefetch thread, concurrent workers, lazy per-shard input streams."""
+"""Feeding the engine: batches (inputs prepared on loader threads), a background prefetch thread, concurrent workers,
+lazy per-shard input streams."""
 from __future__ import annotations
 
 import collections
@@ -6,6 +7,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -15,22 +17,55 @@ from erf_tools.protocols import ERFOptions
 __all__ = ["LazyPreprocess", "Prefetcher", "batches", "compute_batches", "input_stream"]
 
 
-def batches(stream: Iterator[tuple[str, torch.Tensor]],
-            batch_size: int | Callable[[], int]) -> Iterator[tuple[list, torch.Tensor]]:
+def batches(stream: Iterator[tuple[str, torch.Tensor]], batch_size: int | Callable[[], int], *,
+            loader_threads: int = 1) -> Iterator[tuple[list, torch.Tensor]]:
     """(ids, stacked tensors) of consecutive batches; ``batch_size`` is a size, or a function called for the size of
-    each new batch (:class:`~erf_tools.engine.batch_tuning.ThroughputTuner`)."""
+    each new batch (:class:`~erf_tools.engine.batch_tuning.ThroughputTuner`).
+
+    Lazily prepared items (thunks, see :func:`input_stream`) are evaluated on ``loader_threads`` threads, up to
+    ``4 × loader_threads`` items ahead, and taken in stream order, so the batches are those of one thread. Why:
+    generating a synthetic image or resizing a photograph to 1024² costs milliseconds of one core, which on an
+    accelerator is longer than the ERF pass of the image; the painter, PIL and torch release the GIL for it.
+    """
+    if not isinstance(loader_threads, int) or loader_threads < 1:
+        raise ValueError(f"loader_threads must be a positive integer, got {loader_threads!r}")
     size_of_next = batch_size if callable(batch_size) else (lambda: batch_size)
-    ids, tensors = [], []
-    wanted = size_of_next()
-    for image_id, tensor in stream:
-        ids.append(image_id)
-        tensors.append(tensor() if callable(tensor) else tensor)  # lazily preprocessed items (see input_stream)
-        if len(ids) == wanted:
+    with contextlib.ExitStack() as stack:
+        prepared = _prepared_in_order(stream, loader_threads, stack) if loader_threads > 1 else (
+            (image_id, tensor() if callable(tensor) else tensor) for image_id, tensor in stream)
+        ids, tensors = [], []
+        wanted = size_of_next()
+        for image_id, tensor in prepared:
+            ids.append(image_id)
+            tensors.append(tensor)
+            if len(ids) == wanted:
+                yield ids, torch.stack(tensors)
+                ids, tensors = [], []
+                wanted = size_of_next()
+        if ids:
             yield ids, torch.stack(tensors)
-            ids, tensors = [], []
-            wanted = size_of_next()
-    if ids:
-        yield ids, torch.stack(tensors)
+
+
+def _prepared_in_order(stream: Iterator, threads: int,
+                       stack: contextlib.ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """(id, tensor) of ``stream`` in order, its thunks evaluated by a pool of ``threads`` (closed with ``stack``:
+    items not yet started are cancelled, running ones finish)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="erf-loader")
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    pending: collections.deque = collections.deque()
+    for image_id, tensor in stream:
+        pending.append((image_id, pool.submit(tensor) if callable(tensor) else tensor))
+        if len(pending) >= 4 * threads:
+            yield _resolved(pending.popleft())
+    while pending:
+        yield _resolved(pending.popleft())
+
+
+def _resolved(item: tuple) -> tuple[str, torch.Tensor]:
+    image_id, value = item
+    return image_id, value if isinstance(value, torch.Tensor) else value.result()
 
 
 _END = object()
@@ -147,6 +182,11 @@ class LazyPreprocess:
     def __call__(self, image) -> Callable[[], torch.Tensor]:
         preprocess = self.preprocess
         return lambda: preprocess(image)
+
+    def defer(self, load: Callable[[], Any]) -> Callable[[], torch.Tensor]:
+        """A thunk that also loads the image (``load()``), for sources whose images do not depend on each other."""
+        preprocess = self.preprocess
+        return lambda: preprocess(load())
 
 
 def input_stream(images, model, opts: ERFOptions, num_images: int | None, seed: int, shard: tuple[int, int]):
