@@ -4,8 +4,8 @@ For each size S the loop alternates, per repeat: generate image ``i`` of the syn
 reference painter and with the compiled one (the same image, bit for bit; checked on every repeat), decode a
 quality-90 JPEG of S×S pixels (a scikit-image photograph resized, so its content is photographic), and decode the same
 JPEG and bring it to the network input like a photograph (``Preprocessing`` warp to S×S from an ImageNet-sized
-500×375 JPEG) against the compiled synthetic image brought to the input. Everything runs on one thread, so CPU time
-(``time.process_time``) is the cost; it is what the table reports (medians), because the wall time on a shared
+500×375 JPEG) against the compiled synthetic image brought to the input (its array, as the engine passes it).
+Everything runs on one thread, so CPU time (``time.process_time``) is the cost; it is what the table reports (medians), because the wall time on a shared
 machine mostly measures the other jobs. Interleaving keeps conditions (caches, frequency) the same for all.
 
 ``--profile S`` then runs cProfile over compiled generations at S×S and prints where the time goes.
@@ -78,7 +78,7 @@ def bench_size(size: int, repeats: int) -> dict[str, float]:
             raise AssertionError(f"the compiled painter differs from NumPy at {size} px, image {i + 1}")
         times["jpeg"].append(timed(lambda: decode(same_size)))
         times["photo"].append(timed(lambda: preprocess(decode(imagenet_like))))
-        times["synthetic"].append(timed(lambda: preprocess(Image.fromarray(generate("compiled", i + 1, size)))))
+        times["synthetic"].append(timed(lambda: preprocess(generate("compiled", i + 1, size))))  # as the engine does
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     return {"size": size, "reference_ms": ms["reference"], "compiled_ms": ms["compiled"], "jpeg_ms": ms["jpeg"],
             "reference_ratio": ms["reference"] / ms["jpeg"], "compiled_ratio": ms["compiled"] / ms["jpeg"],

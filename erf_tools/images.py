@@ -79,10 +79,18 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         from torchvision.transforms import functional as TF
         from torchvision.transforms import InterpolationMode
 
+        if isinstance(image, np.ndarray):
+            if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and \
+                    tuple(image.shape[:2]) == tuple(self.native_size()):
+                # no resampling to do (a synthetic image made at the native size): normalise the array directly and
+                # crop the tensor, the same numbers as the PIL path without its three copies of the image
+                tensor = normalised_tensor(image, self.mean, self.std)
+                return tensor if self.resize == "warp" else TF.center_crop(tensor, list(self.size)).contiguous()
+            image = Image.fromarray(np.asarray(image))
         mode = InterpolationMode(self.interpolation)
         image = to_rgb(image)
         if self.resize == "warp":
@@ -100,8 +108,9 @@ class Preprocessing:
         return tuple(int(s / self.crop_pct) for s in self.size)
 
 
-def normalised_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """An RGB image as a float32 3×H×W tensor (value / 255 − mean) / std, in one buffer.
+def normalised_tensor(image: Image.Image | np.ndarray, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+    """An RGB image (PIL, or a uint8 H×W×3 array) as a float32 3×H×W tensor (value / 255 − mean) / std, in one buffer.
 
     The same operations as torchvision's ``to_tensor`` then ``normalize``, so the same numbers bit for bit; those
     allocate four full-size tensors, and at 1024² (12 MB each) the page faults of fresh buffers cost about as much
@@ -281,11 +290,17 @@ class ImageSource:
         if self.kind == "sample":
             return _sample_image(index, self.seed)
         if self.kind == "synthetic":
-            height, width = self.image_size or size or (None, None)
-            if height is None:
-                raise ImageSourceError("synthetic images need a size: give image_size or a preprocessing rule")
-            return Image.fromarray(synthetic_image(self.seed, index, height, width, self.model))
+            return Image.fromarray(self.synthetic_array(index, size))
         raise TypeError(f"{self.kind} sources yield tensors, not images")
+
+    def synthetic_array(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Synthetic image ``index`` as an RGB uint8 H×W×3 array (:meth:`load` without the PIL copy)."""
+        if self.kind != "synthetic":
+            raise TypeError(f"{self.kind} sources are not synthetic")
+        height, width = self.image_size or size or (None, None)
+        if height is None:
+            raise ImageSourceError("synthetic images need a size: give image_size or a preprocessing rule")
+        return synthetic_image(self.seed, index, height, width, self.model)
 
 
 #: Images of a generative source (``noise``, ``synthetic``) when no count is given.
@@ -345,9 +360,11 @@ def iter_inputs(
         defer = getattr(preprocess, "defer", None)
         for index in range(start, min(wanted, len(source.ids))):
             if defer is not None:
-                yield source.ids[index], defer(functools.partial(source.load, index, size))
+                yield source.ids[index], defer(functools.partial(source.synthetic_array, index, size))
                 continue
-            image = source.load(index, size)
+            # a Preprocessing takes the array as it is (no PIL copies); anything else gets the PIL image
+            image = (source.synthetic_array(index, size) if isinstance(preprocess, Preprocessing)
+                     else source.load(index, size))
             yield source.ids[index], (preprocess(image) if preprocess is not None
                                       else torch.from_numpy(np.asarray(image)))
         return
