@@ -5,8 +5,8 @@ reference painter and with the compiled one (the same image, bit for bit; checke
 quality-90 JPEG of S×S pixels (a scikit-image photograph resized, so its content is photographic), and decode the same
 JPEG and bring it to the network input like a photograph (``Preprocessing`` warp to S×S from an ImageNet-sized
 500×375 JPEG) against the compiled synthetic image brought to the input (its array, as the engine passes it).
-Everything runs on one thread, so CPU time (``time.process_time``) is the cost; it is what the table reports (medians), because the wall time on a shared
-machine mostly measures the other jobs. Interleaving keeps conditions (caches, frequency) the same for all.
+Everything runs on one thread, so CPU time (``time.process_time``) is the cost; it is what the table reports
+(medians), because the wall time on a shared machine mostly measures the other jobs. Interleaving keeps conditions (caches, frequency) the same for all.
 
 ``--profile S`` then runs cProfile over compiled generations at S×S and prints where the time goes.
 

@@ -110,7 +110,8 @@ class Preprocessing:
 
 def normalised_tensor(image: Image.Image | np.ndarray, mean: tuple[float, ...],
                       std: tuple[float, ...]) -> torch.Tensor:
-    """An RGB image (PIL, or a uint8 H×W×3 array) as a float32 3×H×W tensor (value / 255 − mean) / std, in one buffer.
+    """An RGB image (PIL, or a uint8 H×W×3 array) as a float32 3×H×W tensor (value / 255 − mean) / std, in one
+    buffer.
 
     The same operations as torchvision's ``to_tensor`` then ``normalize``, so the same numbers bit for bit; those
     allocate four full-size tensors, and at 1024² (12 MB each) the page faults of fresh buffers cost about as much

@@ -92,7 +92,8 @@ def test_measurements_with_loader_threads_are_those_of_one_thread(source, tmp_pa
     kwargs = dict(num_images=7, input_size=32, batch_size=3, targets="2")
     results = {}
     for threads in (1, 3):
-        with pytest.warns(UserWarning, match="not a readable image") if source == "folder" else contextlib.nullcontext():
+        skips = pytest.warns(UserWarning, match="not a readable image") if source == "folder" else None
+        with skips or contextlib.nullcontext():
             results[threads] = measure_erf(_net(), images, loader_threads=threads, prefetch=threads > 1, **kwargs)
     one, three = results[1], results[3]
     assert np.array_equal(one.map, three.map) and one.image_ids == three.image_ids and len(one.image_ids) == 7
