@@ -99,3 +99,18 @@ def test_measurements_with_loader_threads_are_those_of_one_thread(source, tmp_pa
     assert np.array_equal(one.map, three.map) and one.image_ids == three.image_ids and len(one.image_ids) == 7
     assert np.array_equal(np.asarray(one.per_image_maps), np.asarray(three.per_image_maps))
     assert three.timing["engine"]["loader_threads"] == 3 and "loader_threads" not in one.timing["engine"]
+
+
+def test_a_shard_generates_only_its_own_synthetic_images(monkeypatch):
+    import erf_tools.images as images_module
+
+    made: list[int] = []
+    original = images_module.synthetic_image
+
+    def counted(seed, index, *args, **kwargs):
+        made.append(index)
+        return original(seed, index, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "synthetic_image", counted)
+    result = measure_erf(_net(), "synthetic", num_images=6, input_size=16, batch_size=2, targets="2", shard=(1, 3))
+    assert result.image_ids == ["synthetic[0:1]", "synthetic[0:4]"] and sorted(made) == [1, 4]
