@@ -1,7 +1,8 @@
 """Synthetic (dead-leaves) image generation against PIL decoding a JPEG of the same size (issue 17).
 
 For each size S the loop alternates, per repeat: generate image ``i`` of the synthetic source at S×S with the NumPy
-reference painter and with the compiled one (the same image, bit for bit; checked on every repeat), decode a
+reference painter and with the compiled one (the same image, bit for bit; checked on every repeat) and with the tiled
+sampler (``DeadLeavesModel(sampler="tiled")``: the same model, other images), decode a
 quality-90 JPEG of S×S pixels (a scikit-image photograph resized, so its content is photographic), and decode the same
 JPEG and bring it to the network input like a photograph (``Preprocessing`` warp to S×S from an ImageNet-sized
 500×375 JPEG) against the compiled synthetic image brought to the input (its array, as the engine passes it).
@@ -31,7 +32,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from erf_tools.images import Preprocessing, to_rgb  # noqa: E402
-from erf_tools.synthetic_images import compiled_painter_available, generator_backend, synthetic_image  # noqa: E402
+from erf_tools.synthetic_images import (  # noqa: E402
+    DeadLeavesModel,
+    compiled_painter_available,
+    generator_backend,
+    synthetic_image,
+)
 
 
 def jpeg_bytes(width: int, height: int, quality: int = 90) -> bytes:
@@ -56,7 +62,14 @@ def timed(function) -> float:
     return time.process_time() - start
 
 
+TILED = DeadLeavesModel(sampler="tiled")
+
+
 def generate(backend: str, index: int, size: int) -> np.ndarray:
+    """Image ``index`` at size×size: the front-to-back sampler's painter ``reference`` (NumPy) or ``compiled``, or
+    the ``tiled`` sampler (other images of the same model)."""
+    if backend == "tiled":
+        return synthetic_image(0, index, size, size, TILED)
     with generator_backend.use(backend):
         return synthetic_image(0, index, size, size)
 
@@ -65,12 +78,13 @@ def bench_size(size: int, repeats: int) -> dict[str, float]:
     same_size = jpeg_bytes(size, size)
     imagenet_like = jpeg_bytes(500, 375)
     preprocess = Preprocessing(size=(size, size))
-    for backend in ("reference", "compiled"):
+    for backend in ("reference", "compiled", "tiled"):
         generate(backend, 0, size)  # warm-up (imports, allocator, extension)
-    times: dict[str, list[float]] = {k: [] for k in ("reference", "compiled", "jpeg", "photo", "synthetic")}
+    times: dict[str, list[float]] = {k: [] for k in ("reference", "compiled", "tiled", "jpeg", "photo", "synthetic",
+                                                     "tiled_input")}
     for i in range(repeats):
         images = {}
-        for backend in ("reference", "compiled"):
+        for backend in ("reference", "compiled", "tiled"):
             start = time.process_time()
             images[backend] = generate(backend, i + 1, size)
             times[backend].append(time.process_time() - start)
@@ -79,11 +93,15 @@ def bench_size(size: int, repeats: int) -> dict[str, float]:
         times["jpeg"].append(timed(lambda: decode(same_size)))
         times["photo"].append(timed(lambda: preprocess(decode(imagenet_like))))
         times["synthetic"].append(timed(lambda: preprocess(generate("compiled", i + 1, size))))  # as the engine does
+        times["tiled_input"].append(timed(lambda: preprocess(generate("tiled", i + 1, size))))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return {"size": size, "reference_ms": ms["reference"], "compiled_ms": ms["compiled"], "jpeg_ms": ms["jpeg"],
-            "reference_ratio": ms["reference"] / ms["jpeg"], "compiled_ratio": ms["compiled"] / ms["jpeg"],
-            "speedup": ms["reference"] / ms["compiled"], "synthetic_input_ms": ms["synthetic"],
-            "photo_input_ms": ms["photo"], "input_ratio": ms["synthetic"] / ms["photo"]}
+    return {"size": size, "reference_ms": ms["reference"], "compiled_ms": ms["compiled"], "tiled_ms": ms["tiled"],
+            "jpeg_ms": ms["jpeg"], "reference_ratio": ms["reference"] / ms["jpeg"],
+            "compiled_ratio": ms["compiled"] / ms["jpeg"], "tiled_ratio": ms["tiled"] / ms["jpeg"],
+            "speedup": ms["reference"] / ms["compiled"], "tiled_speedup": ms["compiled"] / ms["tiled"],
+            "synthetic_input_ms": ms["synthetic"], "tiled_input_ms": ms["tiled_input"],
+            "photo_input_ms": ms["photo"], "input_ratio": ms["synthetic"] / ms["photo"],
+            "tiled_input_ratio": ms["tiled_input"] / ms["photo"]}
 
 
 def profile(size: int, count: int = 20, top: int = 16) -> None:
@@ -122,14 +140,15 @@ def main() -> None:
           "repeats")
     rows = [bench_size(size, args.repeats) for size in args.sizes]
     if args.markdown:
-        print("| size | generate, NumPy (CPU ms) | generate, compiled (CPU ms) | decode JPEG S×S (CPU ms) | NumPy / "
-              "decode | compiled / decode | NumPy / compiled | compiled synthetic → input tensor (CPU ms) | "
-              "500×375 JPEG → input tensor (CPU ms) | synthetic / photo input |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| size | NumPy (CPU ms) | compiled (CPU ms) | tiled (CPU ms) | decode JPEG S×S (CPU ms) | "
+              "compiled / decode | tiled / decode | compiled / tiled | compiled → input (CPU ms) | tiled → input "
+              "(CPU ms) | 500×375 JPEG → input (CPU ms) | compiled / photo input | tiled / photo input |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['size']}² | {r['reference_ms']:.1f} | {r['compiled_ms']:.1f} | {r['jpeg_ms']:.1f} | "
-                  f"{r['reference_ratio']:.1f}× | {r['compiled_ratio']:.1f}× | {r['speedup']:.1f}× | "
-                  f"{r['synthetic_input_ms']:.1f} | {r['photo_input_ms']:.1f} | {r['input_ratio']:.1f}× |")
+            print(f"| {r['size']}² | {r['reference_ms']:.1f} | {r['compiled_ms']:.2f} | {r['tiled_ms']:.2f} | "
+                  f"{r['jpeg_ms']:.2f} | {r['compiled_ratio']:.1f}× | {r['tiled_ratio']:.2f}× | "
+                  f"{r['tiled_speedup']:.1f}× | {r['synthetic_input_ms']:.1f} | {r['tiled_input_ms']:.1f} | "
+                  f"{r['photo_input_ms']:.1f} | {r['input_ratio']:.1f}× | {r['tiled_input_ratio']:.2f}× |")
     else:
         for r in rows:
             print(r)

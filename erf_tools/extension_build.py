@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackendChoice", "BuildState", "BuiltOnFirstUse", "CppExtension", "ExtensionUnavailable", "instruction_set"]
+__all__ = ["BackendChoice", "BuildState", "BuiltOnFirstUse", "CppExtension", "ExtensionUnavailable", "cpu_flags",
+           "instruction_set"]
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -53,6 +54,18 @@ def instruction_set() -> tuple[str, list[str]]:
     flags = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
              "avx2": ["-mavx2", "-mfma"]}
     return (capability, flags[capability]) if capability in flags else ("default", [])
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (``/proc/cpuinfo``); empty where that file is absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 class BuiltOnFirstUse:

@@ -28,6 +28,9 @@ built on first use by :mod:`erf_tools.extension_build`) that gives the NumPy pai
 (:class:`_Canvas`, :func:`render`), the reference and the fallback. Choose with :data:`generator_backend` or
 ``ERF_TOOLS_DEAD_LEAVES`` (``auto``, ``compiled``, ``reference``).
 
+``DeadLeavesModel(sampler="tiled")`` draws the same model with counter-based random numbers and paints it tile by tile
+in one compiled pass (:mod:`erf_tools.synthetic_tiled`): other images, 4-6x faster.
+
 Everything is a pure function of (seed, index, size, model): image ``index`` of ``seed`` is the same whatever else is
 generated, in whatever order.
 """
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 
 from erf_tools.extension_build import BackendChoice, CppExtension, ExtensionUnavailable
+from erf_tools.synthetic_tiled import tiled_dead_leaves
 
 #: Mean RGB (0..1) of the pixels of scikit-image's colour photographs astronaut, chelsea, coffee, rocket and
 #: motorcycle_left (every 7th pixel, 183 034 pixels).
@@ -55,6 +59,9 @@ PHOTOGRAPH_COLOUR_COV = (
 #: Leaves up to this radius (px) are drawn from one table of disc offsets; larger ones one by one on their bounding
 #: box. A speed trade-off only: both draw the same pixels.
 STAMP_RADIUS = 32
+#: The samplers of the model: NumPy's streams painted front to back in batches, or counter-based draws painted tile by
+#: tile (:mod:`erf_tools.synthetic_tiled`).
+SAMPLERS = ("front_to_back", "tiled")
 #: ITU-R BT.601 luma weights, for the luminance statistics.
 LUMA = (0.299, 0.587, 0.114)
 #: Environment variable choosing the painter: ``auto`` (default), ``compiled`` or ``reference`` (NumPy).
@@ -99,6 +106,9 @@ class DeadLeavesModel:
     shading: largest relative luminance change from a leaf's centre to its rim (0 = flat leaves).
     max_uncovered: stop laying leaves when fewer than this fraction of pixels is bare.
     colour_mean, colour_cov: Gaussian colour model of the leaves, RGB in 0..1.
+    sampler: ``"front_to_back"`` (NumPy's random streams, painted in batches; compiled or NumPy) or ``"tiled"``
+        (counter-based draws painted tile by tile, compiled only, 4-6x faster: :mod:`erf_tools.synthetic_tiled`).
+        The same model, other images.
     """
 
     exponent: float = 3.0
@@ -108,8 +118,11 @@ class DeadLeavesModel:
     max_uncovered: float = 0.005
     colour_mean: tuple[float, float, float] = PHOTOGRAPH_COLOUR_MEAN
     colour_cov: tuple[tuple[float, float, float], ...] = PHOTOGRAPH_COLOUR_COV
+    sampler: str = "front_to_back"
 
     def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise SyntheticImageError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not self.exponent > 1.0:
             raise SyntheticImageError(f"exponent must be > 1 (a normalisable size law), got {self.exponent}")
         if not self.r_min >= 0.5:
@@ -128,9 +141,10 @@ class DeadLeavesModel:
         return max(self.r_min, self.r_max_fraction * min(height, width))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-native (lists, not tuples), so that a description read back from a file compares equal."""
+        """JSON-native (lists, not tuples), so that a description read back from a file compares equal. The default
+        sampler is left out: descriptions written before there was a choice meant it."""
         return {key: np.asarray(value).tolist() if isinstance(value, tuple) else value
-                for key, value in asdict(self).items()}
+                for key, value in asdict(self).items() if not (key == "sampler" and value == "front_to_back")}
 
 
 _DEFAULT_MODEL = DeadLeavesModel()  # validated once, not on every image
@@ -452,10 +466,22 @@ def synthetic_image(seed: int, index: int, height: int, width: int,
     model = model or _DEFAULT_MODEL
     if int(height) < 1 or int(width) < 1:
         raise SyntheticImageError(f"image size must be positive, got {height}×{width}")
+    if seed < 0 or index < 0:
+        raise SyntheticImageError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    if model.sampler == "tiled":
+        return tiled_dead_leaves(seed, index, int(height), int(width), **tiled_parameters(model, height, width)).image
     rng = image_rng(seed, index)
     canvas = _new_canvas(int(height), int(width))
     leaves = _lay_leaves(rng, int(height), int(width), model, canvas)
     return canvas.render(*leaf_tables(rng, leaves, model, canvas.visible()))
+
+
+def tiled_parameters(model: DeadLeavesModel, height: int, width: int) -> dict[str, Any]:
+    """The keyword arguments of :func:`erf_tools.synthetic_tiled.tiled_dead_leaves` for ``model`` at that size."""
+    cov = tuple(tuple(float(value) for value in row) for row in model.colour_cov)
+    return {"exponent": model.exponent, "r_min": model.r_min, "r_max": model.r_max(int(height), int(width)),
+            "shading": model.shading, "max_uncovered": model.max_uncovered, "colour_mean": model.colour_mean,
+            "colour_root": _colour_transform(cov)}
 
 
 def radial_power_spectrum(luminance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
