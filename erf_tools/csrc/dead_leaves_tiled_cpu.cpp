@@ -1,5 +1,5 @@
 // The tiled dead-leaves sampler of erf_tools.synthetic_images (model version 2): draws, paints and colours in one
-// compiled pass, so that an image costs less than decoding a JPEG of its size.
+// compiled pass, to bring an image near the cost of decoding a JPEG of its size.
 //
 // The picture (the law, what any implementation must give):
 //
@@ -21,7 +21,10 @@
 // same whatever else is generated, and a leaf's colour is computed only if it shows. The painting is per 64×64 tile:
 // leaves are binned by the tiles their box meets, and each tile keeps one bit per pixel (covered or bare), so a
 // hidden leaf costs a few bit operations per row and each pixel is written once. Single-threaded; the GIL is
-// released, so loader threads run in parallel.
+// released, so loader threads run in parallel (the vector_paths switch is global: for tests, not for threads).
+// Portability: all pixel arithmetic is IEEE float32/float64 (sqrt, ceil, floor, + - × /), the same on any machine;
+// the Poisson count's acceptance test and the normal quantile's tails call the maths library's log, whose last bit
+// may differ between libraries (a different count or a colour off by one level, rarely).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -225,13 +228,15 @@ inline void draw_leaves(const Model& m, int64_t height, int64_t width, uint64_t 
   const uint64_t key = stream_key(seed, index, kGeometryStream);
   const auto h = static_cast<float>(height), w = static_cast<float>(width);
   for (int64_t i = 0; i < count; ++i) {
-    const uint64_t first = draw(key, 2 * static_cast<uint64_t>(i)), second = draw(key, 2 * static_cast<uint64_t>(i) + 1);
+    const auto counter = 2 * static_cast<uint64_t>(i);
+    const uint64_t first = draw(key, counter), second = draw(key, counter + 1);
     // The octave from the high 32 bits, the radius from bits 8..31, the centre from the second draw's two halves.
     const float pick = static_cast<float>(first >> 40) * 0x1p-24f;
     int k = 0;
     for (int b = 0; b + 1 < n_bands; ++b) k += pick >= threshold[b];
     const float t = base[k] + lower_unit(first) * scale[k];
-    const float r = n_bands == 1 && scale[0] == 0 ? margin[0] : (cubic ? 1.0f / std::sqrt(t) : std::pow(t, inverse_power));
+    const float r =
+        n_bands == 1 && scale[0] == 0 ? margin[0] : (cubic ? 1.0f / std::sqrt(t) : std::pow(t, inverse_power));
     const float cy = upper_unit(second) * (h + 2 * margin[k]) - margin[k];
     const float cx = lower_unit(second) * (w + 2 * margin[k]) - margin[k];
     leaves[static_cast<size_t>(i)] = {cy, cx, r, -1};
@@ -385,7 +390,8 @@ inline void paint_leaf(const Leaf& leaf, uint16_t label, int64_t j0, int64_t j1,
     if (h2 < 0) continue;
     const float h = std::sqrt(h2);
     const float lo = std::ceil(leaf.cx - h), hi = std::floor(leaf.cx + h);
-    const float first = std::max(lo, static_cast<float>(left)), last = std::min(hi, static_cast<float>(left + cols - 1));
+    const float first = std::max(lo, static_cast<float>(left));
+    const float last = std::min(hi, static_cast<float>(left + cols - 1));
     if (!(first <= last)) continue;
     const uint64_t fresh =
         span_bits(static_cast<int64_t>(first - static_cast<float>(left)),
@@ -635,7 +641,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const bool before = dead_leaves_tiled::vector_paths;
     dead_leaves_tiled::vector_paths = on;
     return before;
-  }, py::arg("on"), "Run the AVX-512 paths (if compiled in: vector_paths_compiled) or the scalar ones; returns the previous setting");
+  }, py::arg("on"),
+        "Run the AVX-512 paths (if compiled in: vector_paths_compiled) or the scalar ones; returns the previous one");
 #ifdef ERF_TILED_AVX512
   m.attr("vector_paths_compiled") = true;
 #else
