@@ -29,7 +29,7 @@ built on first use by :mod:`erf_tools.extension_build`) that gives the NumPy pai
 ``ERF_TOOLS_DEAD_LEAVES`` (``auto``, ``compiled``, ``reference``).
 
 ``DeadLeavesModel(sampler="tiled")`` draws the same model with counter-based random numbers and paints it tile by tile
-in one compiled pass (:mod:`erf_tools.synthetic_tiled`): other images, 4-6x faster.
+in one compiled pass (:mod:`erf_tools.synthetic_tiled`): other images, 3-4x faster.
 
 Everything is a pure function of (seed, index, size, model): image ``index`` of ``seed`` is the same whatever else is
 generated, in whatever order.
@@ -107,7 +107,7 @@ class DeadLeavesModel:
     max_uncovered: stop laying leaves when fewer than this fraction of pixels is bare.
     colour_mean, colour_cov: Gaussian colour model of the leaves, RGB in 0..1.
     sampler: ``"front_to_back"`` (NumPy's random streams, painted in batches; compiled or NumPy) or ``"tiled"``
-        (counter-based draws painted tile by tile, compiled only, 4-6x faster: :mod:`erf_tools.synthetic_tiled`).
+        (counter-based draws painted tile by tile, compiled only, 3-4x faster: :mod:`erf_tools.synthetic_tiled`).
         The same model, other images.
     """
 
