@@ -10,7 +10,8 @@ Sources:
   of Luo et al.'s random-input experiments);
 * ``"synthetic"`` (or ``"synthetic:S"``, ``"synthetic:HxW"``): images of the coloured dead-leaves model
   (:mod:`erf_tools.synthetic_images`), each independent, generated at the size the preprocessing maps onto the input
-  without resampling (or at S×S / H×W px, then preprocessed like a photograph);
+  without resampling (or at S×S / H×W px, then preprocessed like a photograph); ``"synthetic:tiled"`` (alone or with
+  a size, ``"synthetic:512:tiled"``) draws them with the faster tiled sampler (other images of the same model);
 * a tensor N×3×H×W of already preprocessed inputs.
 
 Every image has a *source id* (:meth:`ImageSource.source_id`): images with the same one are not independent (the crops
@@ -18,6 +19,7 @@ and flips of one photograph), so intervals over images must count :meth:`ImageSo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from erf_tools.synthetic_images import DeadLeavesModel, synthetic_image
+from erf_tools.synthetic_images import SAMPLERS, DeadLeavesModel, synthetic_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 #: Image sources that are generated or bundled rather than read from a folder.
@@ -310,12 +312,18 @@ DEFAULT_GENERATED_IMAGES = 16
 
 def open_image_source(spec: str | Path, *, num_images: int | None = None, seed: int = 0,
                       model: DeadLeavesModel | None = None) -> ImageSource:
-    """``"sample"``, ``"noise"``, ``"synthetic"`` (``"synthetic:S"``, ``"synthetic:HxW"``: generated at that size) or a
-    folder path as an :class:`ImageSource`; ``model`` overrides the synthetic image model's defaults."""
+    """``"sample"``, ``"noise"``, ``"synthetic"`` or a folder path as an :class:`ImageSource`. ``"synthetic"`` takes
+    options after colons, in any order: a size (``"synthetic:S"``, ``"synthetic:HxW"``: generated at that size) and a
+    sampler (``"synthetic:tiled"``); ``model`` overrides the synthetic image model's defaults (a sampler named in the
+    spec replaces the model's)."""
     if str(spec) == "synthetic" or str(spec).startswith("synthetic:"):
         count = num_images if num_images is not None else DEFAULT_GENERATED_IMAGES
+        size, sampler = _synthetic_options(str(spec))
+        model = model or DeadLeavesModel()
+        if sampler is not None:
+            model = dataclasses.replace(model, sampler=sampler)
         return ImageSource("synthetic", [f"synthetic[{seed}:{i}]" for i in range(count)], seed=seed,
-                           image_size=_synthetic_size(str(spec)), model=model or DeadLeavesModel())
+                           image_size=size, model=model)
     if str(spec) == "sample":
         count = num_images if num_images is not None else len(SAMPLE_FILES)
         return ImageSource("sample", [_sample_id(i) for i in range(count)], seed=seed)
@@ -389,19 +397,30 @@ def iter_inputs(
         )
 
 
-def _synthetic_size(spec: str) -> tuple[int, int] | None:
-    """``synthetic`` -> None (the input's size), ``synthetic:S`` -> (S, S), ``synthetic:HxW`` -> (H, W)."""
-    if spec == "synthetic":
-        return None
-    text = spec.split(":", 1)[1]
-    parts = text.lower().split("x")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        size = ()
-    if len(size) not in (1, 2) or min(size) < 1:
-        raise ImageSourceError(f"bad synthetic image size {text!r}: give synthetic:S or synthetic:HxW (pixels)")
-    return (size[0], size[-1])
+def _synthetic_options(spec: str) -> tuple[tuple[int, int] | None, str | None]:
+    """The (size, sampler) of ``synthetic[:OPTION[:OPTION]]``: OPTION a size, ``S`` -> (S, S) or ``HxW`` -> (H, W),
+    or a sampler name; what is not given is None (the input's size, the model's sampler)."""
+    size: tuple[int, int] | None = None
+    sampler: str | None = None
+    for option in spec.split(":")[1:]:
+        name = option.strip().lower()
+        if name in SAMPLERS:
+            if sampler is not None:
+                raise ImageSourceError(f"{spec!r} names two samplers: give one of {', '.join(SAMPLERS)}")
+            sampler = name
+            continue
+        parts = name.split("x")
+        try:
+            dims = tuple(int(p) for p in parts)
+        except ValueError:
+            dims = ()
+        if len(dims) not in (1, 2) or min(dims) < 1:
+            raise ImageSourceError(f"bad synthetic image option {option!r} in {spec!r}: give a size (synthetic:S or "
+                                   f"synthetic:HxW, pixels) and/or a sampler ({', '.join(SAMPLERS)})")
+        if size is not None:
+            raise ImageSourceError(f"{spec!r} gives two sizes: give one (synthetic:S or synthetic:HxW)")
+        size = (dims[0], dims[-1])
+    return size, sampler
 
 
 def _sample_id(index: int) -> str:

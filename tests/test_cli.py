@@ -47,6 +47,16 @@ def test_measure_prints_settings_scores_and_the_random_init_warning(tmp_path):
     assert "AGD score" in text and "r(20%)" in text
 
 
+def test_measure_takes_the_tiled_sampler_and_records_it(tmp_path):
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-w", "active", "-i", "synthetic:tiled", "-o", tmp_path,
+                           *SMALL)
+    assert code == 0, text
+    assert "1 images from synthetic:tiled" in text
+    assert json.loads((tmp_path / "test_resnet.json").read_text())["image_source"]["model"]["sampler"] == "tiled"
+    code, text, _ = invoke("measure", "-m", "test_resnet", "-i", "synthetic:tile", "-o", tmp_path / "bad", *SMALL)
+    assert code != 0 and "synthetic image option 'tile'" in text and not (tmp_path / "bad").exists()
+
+
 def test_default_weights_offline_are_the_probe_and_say_so(tmp_path):
     code, text, _ = invoke("measure", "-m", "resnet18", "-o", tmp_path, *SMALL)
     assert code == 0, text

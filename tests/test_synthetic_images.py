@@ -198,7 +198,7 @@ def test_bad_parameters_are_named():
         synthetic_image(0, 0, 0, 10)
     with pytest.raises(SyntheticImageError, match="non-negative"):
         synthetic_image(-1, 0, 10, 10)
-    with pytest.raises(ImageSourceError, match="synthetic image size"):
+    with pytest.raises(ImageSourceError, match="synthetic image option"):
         open_image_source("synthetic:big")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from erf_tools.images import open_image_source
+from erf_tools.images import ImageSourceError, open_image_source
 from erf_tools.synthetic_images import (
     DeadLeavesModel,
     SyntheticImageError,
@@ -119,6 +119,23 @@ def test_source_records_the_sampler_and_is_order_free():
     backwards = [np.asarray(source.load(i)) for i in (5, 1)]
     np.testing.assert_array_equal(backwards[0], np.asarray(source.load(5)))
     np.testing.assert_array_equal(backwards[1], synthetic_image(2, 1, 48, 48, TILED))
+
+
+def test_source_spec_names_the_sampler_in_any_order_with_a_size():
+    for spec in ("synthetic:48:tiled", "synthetic:tiled:48", "synthetic:48:TILED"):
+        source = open_image_source(spec, num_images=2, seed=2)
+        assert source.image_size == (48, 48) and source.model.sampler == "tiled", spec
+        np.testing.assert_array_equal(np.asarray(source.load(1)), synthetic_image(2, 1, 48, 48, TILED))
+    bare = open_image_source("synthetic:tiled", num_images=1)
+    assert bare.image_size is None and bare.describe()["model"]["sampler"] == "tiled"
+    # the spec's sampler replaces a given model's, the model's other parameters stay
+    shaded = open_image_source("synthetic:tiled", num_images=1, model=DeadLeavesModel(shading=0.1))
+    assert shaded.model == DeadLeavesModel(shading=0.1, sampler="tiled")
+    assert open_image_source("synthetic:32x40:front_to_back", model=TILED).model.sampler == "front_to_back"
+    for spec, problem in (("synthetic:tiled:front_to_back", "two samplers"), ("synthetic:48:64", "two sizes"),
+                          ("synthetic:tiles", "synthetic image option 'tiles'"), ("synthetic:", "option ''")):
+        with pytest.raises(ImageSourceError, match=problem):
+            open_image_source(spec)
 
 
 def test_bad_sampler_and_arguments_are_named():

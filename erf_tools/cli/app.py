@@ -151,7 +151,8 @@ def main_options(
 # ---------------------------------------------------------------------------------------------------------- measure
 Model = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `erf models`).")]
 Images = Annotated[str, typer.Option("--images", "-i", help="A folder of images, 'sample' (bundled photographs), "
-                                     "'synthetic' (independent dead-leaves images, the default) or 'noise'.")]
+                                     "'synthetic' (independent dead-leaves images, the default; 'synthetic:S' at "
+                                     "S×S px, 'synthetic:tiled' the faster tiled sampler) or 'noise'.")]
 NumImages = Annotated[Optional[int], typer.Option(
     "--num-images", "-n", help=f"Images to average (default {runs.QUICK_SETTINGS['num_images']}; "
     f"{runs.FULL_PROTOCOL_SETTINGS['num_images']} with --full-protocol).", show_default=False)]
